@@ -48,6 +48,16 @@ def _check_tensor_arg(name: str, t, scores: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but scores is on {scores.device}")
 
 
+def _may_overlap(t: torch.Tensor) -> bool:
+    """False when the strides prove that no two elements of ``t`` share memory."""
+    span = 0
+    for stride, size in sorted((abs(st), n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
 def _broadcast_4d(name: str, t: torch.Tensor, target: tuple) -> torch.Tensor:
     """View ``t`` as 4-D (leading 1s) and check that every dim is 1 or the target's."""
     if t.dim() > 4:
@@ -157,10 +167,10 @@ def prepare(scores, *, layer_scale=1.0, alibi=None, alibi_slopes=None, mask=None
             raise TypeError(f"mask must be bool (True = attend) or floating point (additive), got dtype {mask.dtype}")
         mask = _broadcast_4d("mask", mask, target)
     if inplace:
-        if any(st == 0 and n > 1 for st, n in zip(scores.stride(), scores.shape)):
+        if _may_overlap(scores):
             raise ValueError(
                 f"inplace=True needs scores that own each element, but scores of shape {target} has "
-                f"strides {tuple(scores.stride())} (a broadcast view)"
+                f"strides {tuple(scores.stride())} (elements share memory, e.g. a broadcast view)"
             )
         if scores.requires_grad and torch.is_grad_enabled():
             raise ValueError("inplace=True on scores that require grad: call with inplace=False")

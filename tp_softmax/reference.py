@@ -53,7 +53,11 @@ def softmax_reference(scores: torch.Tensor, *, layer_scale: float = 1.0,
     broadcastable 4-D. The arguments are assumed validated (``ops.prepare``).
     """
     q_len, k_len = scores.shape[-2], scores.shape[-1]
-    x = scores.to(torch.float32, copy=True)
+    # A contiguous float32 copy, whatever the strides of scores: a row's bits must not depend
+    # on the layout of the tensor it came in.
+    x = scores.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    if x.numel() == 0:
+        return scores if inplace else x.to(scores.dtype)
     if layer_scale != 1.0:
         x.mul_(layer_scale)
     if bias is not None:
@@ -69,13 +73,12 @@ def softmax_reference(scores: torch.Tensor, *, layer_scale: float = 1.0,
     hidden = hidden_keys(q_len, k_len, causal, window, scores.device)
     if hidden is not None:
         x.masked_fill_(hidden, float("-inf"))
-    row_max = x.amax(dim=-1, keepdim=True)
-    # A row with no visible key has max -inf: shift by 0 so exp gives 0, not NaN.
-    row_max.masked_fill_(row_max == float("-inf"), 0.0)
-    x.sub_(row_max).exp_()
-    total = x.sum(dim=-1, keepdim=True)
-    # total >= 1 for any row with a visible key; 0 only for fully hidden rows (-> all zeros).
-    x.div_(total.clamp_min_(torch.finfo(torch.float32).tiny))
+    # A row with no visible key (max -inf) is all zeros, where torch.softmax gives NaN.
+    no_key = x.amax(dim=-1, keepdim=True) == float("-inf")
+    # torch.softmax reduces every row on its own, in the same order whatever B, H and Q are.
+    # A plain x.sum(-1) does not: with a single row of K >= 32768 it splits the row across
+    # threads, so a one-row shard would differ in the last bit from the same row in the full batch.
+    x = torch.softmax(x, dim=-1).masked_fill_(no_key, 0.0)
     if inplace:
         return scores.copy_(x)
     return x.to(scores.dtype)
