@@ -219,7 +219,13 @@ def tp_path(problem: bl.Problem) -> str:
         reasons = _kernel.unsupported_reasons(ops.prepare(st["scores"], **tp_kwargs(problem, st)))
     except Exception as exc:  # noqa: BLE001 - reported, the timing still runs
         return f"unknown ({type(exc).__name__}: {exc})"
-    return "kernel" if not reasons else "torch: " + "; ".join(reasons)
+    if reasons:
+        return "torch: " + "; ".join(reasons)
+    try:
+        scores = st["scores"]
+        return f"kernel ({_kernel.row_config(scores.size(-1), scores.dtype)})"
+    except Exception:  # noqa: BLE001 - the variant is a detail; the path is known
+        return "kernel"
 
 
 class Runner:
