@@ -1,0 +1,61 @@
+// Fused attention softmax: the kernel's host interface. Knows nothing of torch.
+//
+// For each row (b, h, i) of scores [B, H, Q, K] (any strides), with p = i + K - Q:
+//   x[j] = s[j] * layer_scale + bias[j] + mask[j]       (float32)
+//   x[j] = -inf  where mask is false, or j is hidden: causal (j > p) or window (j <= p - w)
+//   out[j] = exp(x[j] - max) / sum;   rows with no visible key are all zeros
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace tp_softmax {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+// Mask element types: none, bool (one byte, nonzero = attend), additive in the scores'
+// dtype, additive float32. Other float masks are converted to float32 by the caller.
+enum class MaskKind : int { kNone = 0, kBool = 1, kSame = 2, kFloat32 = 3 };
+// Bias: none, ALiBi computed from float32 slopes, a tensor in the scores' dtype, float32.
+enum class BiasKind : int { kNone = 0, kSlopes = 1, kSame = 2, kFloat32 = 3 };
+
+struct SoftmaxParams {
+  DType dtype;
+  int64_t B, H, Q, K;
+  const void* in;            // scores
+  int64_t in_stride[4];      // in elements
+  void* out;                 // may equal `in` (in place) with the same strides
+  int64_t out_stride[4];
+  MaskKind mask_kind;
+  const void* mask;          // strides: 0 on broadcast dims
+  int64_t mask_stride[4];
+  BiasKind bias_kind;
+  const void* bias;          // alibi of the local heads, strides as mask
+  int64_t bias_stride[4];
+  const float* slopes;       // [B|1, H] local heads, strides (b, h)
+  int64_t slopes_stride[2];
+  float layer_scale;
+  bool causal;
+  int64_t window;            // 0 = no window
+  // Filled in by launch_attention_softmax: floor((2^64 - 1) / Q) and / H, for division by
+  // multiplication in the kernel.
+  uint64_t q_magic, h_magic;
+};
+
+// How one row is computed. Depends only on K and the dtype (never on B, H, Q, flags or
+// pointers): the same row gives the same bits alone, in a batch, or sharded.
+struct RowConfig {
+  int chunks;          // 16-byte chunks per thread held in registers; 0 = streaming path
+  int row_threads;     // threads of one block working on a row (1 .. 1024, power of two)
+  int cluster;         // blocks of a thread-block cluster sharing a row (1, 2, 4, 8)
+  int block_threads;   // threads per block
+};
+
+RowConfig choose_row_config(int64_t K, DType dtype);
+
+// Launches on `stream`; returns the first CUDA error (invalid arguments included).
+cudaError_t launch_attention_softmax(const SoftmaxParams& p, cudaStream_t stream);
+
+// Describes the configuration for K and dtype (for reports and tests).
+const char* describe_row_config(int64_t K, DType dtype, char* buf, int len);
+
+}  // namespace tp_softmax

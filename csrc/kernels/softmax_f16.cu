@@ -1,0 +1,9 @@
+// Instantiations for __half scores.
+#include "launch_typed.cuh"
+
+namespace tp_softmax {
+namespace detail {
+template cudaError_t launch_typed<__half>(const SoftmaxParams&, const RowConfig&, bool, int64_t,
+                                       cudaStream_t);
+}  // namespace detail
+}  // namespace tp_softmax

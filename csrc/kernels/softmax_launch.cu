@@ -1,0 +1,114 @@
+// Row configuration, alignment checks and dispatch to the per-dtype launchers.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdio>
+
+#include "softmax.h"
+
+namespace tp_softmax {
+namespace detail {
+template <typename T>
+cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool aligned, int64_t groups,
+                         cudaStream_t stream);
+}  // namespace detail
+
+namespace {
+
+int elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+int64_t next_pow2(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Every row of `ptr` (element strides `stride`) can be read as aligned vectors of `vec`
+// elements; an operand broadcast along K (stride 0) is read once per row and always qualifies.
+bool rows_vectorisable(const void* ptr, const int64_t* stride, int vec, int elem_bytes) {
+  if (stride[3] == 0) return true;
+  if (stride[3] != 1) return false;
+  if (reinterpret_cast<uintptr_t>(ptr) % (static_cast<uintptr_t>(vec) * elem_bytes) != 0) return false;
+  for (int d = 0; d < 3; ++d)
+    if (stride[d] % vec != 0) return false;
+  return true;
+}
+
+}  // namespace
+
+RowConfig choose_row_config(int64_t K, DType dtype) {
+  const int vec = 16 / elem_size(dtype);
+  const int chunks32 = 32 / vec;  // 32 float32 logits in registers per thread
+  const int64_t chunks = ceil_div(K, vec);
+  if (chunks <= 32) {
+    const int rt = static_cast<int>(next_pow2(chunks));
+    return {1, rt, 1, 128};
+  }
+  if (chunks <= 64) return {2, 32, 1, 128};
+  if (chunks <= 32 * chunks32) return {chunks32, 32, 1, 128};
+  const int64_t threads = ceil_div(chunks, chunks32);
+  if (threads <= 512) {
+    const int rt = static_cast<int>(next_pow2(threads));
+    return {chunks32, rt, 1, rt};
+  }
+  if (threads <= 512 * 8) return {chunks32, 512, static_cast<int>(next_pow2(ceil_div(threads, 512))), 512};
+  if (threads <= 512 * 16) return {chunks32, 512, 16, 512};  // non-portable cluster of 16 SMs
+  return {0, 512, 8, 512};  // streaming: the row is read twice
+}
+
+const char* describe_row_config(int64_t K, DType dtype, char* buf, int len) {
+  const RowConfig c = choose_row_config(K, dtype);
+  if (c.chunks > 0)
+    snprintf(buf, len, "one read: %d chunk(s)/thread, %d thread(s)/row, cluster %d, %d threads/block",
+             c.chunks, c.row_threads, c.cluster, c.block_threads);
+  else
+    snprintf(buf, len, "two reads (streaming): %d threads/row, cluster %d", c.row_threads, c.cluster);
+  return buf;
+}
+
+cudaError_t launch_attention_softmax(const SoftmaxParams& p, cudaStream_t stream) {
+  if (p.B < 0 || p.H < 0 || p.Q < 0 || p.K < 0 || p.window < 0) return cudaErrorInvalidValue;
+  const int64_t rows = p.B * p.H * p.Q;
+  if (rows == 0 || p.K == 0) return cudaSuccess;
+  if (p.in == nullptr || p.out == nullptr) return cudaErrorInvalidValue;
+  if (p.mask_kind != MaskKind::kNone && p.mask == nullptr) return cudaErrorInvalidValue;
+  if ((p.bias_kind == BiasKind::kSame || p.bias_kind == BiasKind::kFloat32) && p.bias == nullptr)
+    return cudaErrorInvalidValue;
+  if (p.bias_kind == BiasKind::kSlopes && p.slopes == nullptr) return cudaErrorInvalidValue;
+
+  SoftmaxParams kp = p;
+  kp.q_magic = ~uint64_t{0} / static_cast<uint64_t>(p.Q);
+  kp.h_magic = ~uint64_t{0} / static_cast<uint64_t>(p.H);
+  const RowConfig cfg = choose_row_config(p.K, p.dtype);
+  const int es = elem_size(p.dtype);
+  const int vec = 16 / es;
+  bool aligned = p.K % vec == 0 && p.in_stride[3] == 1 && p.out_stride[3] == 1 &&
+                 rows_vectorisable(p.in, p.in_stride, vec, es) && rows_vectorisable(p.out, p.out_stride, vec, es);
+  if (p.mask_kind != MaskKind::kNone) {
+    const int mes = p.mask_kind == MaskKind::kBool ? 1 : p.mask_kind == MaskKind::kSame ? es : 4;
+    aligned = aligned && rows_vectorisable(p.mask, p.mask_stride, vec, mes);
+  }
+  if (p.bias_kind == BiasKind::kSame || p.bias_kind == BiasKind::kFloat32) {
+    const int bes = p.bias_kind == BiasKind::kSame ? es : 4;
+    aligned = aligned && rows_vectorisable(p.bias, p.bias_stride, vec, bes);
+  }
+
+  const int rows_per_block = cfg.block_threads / cfg.row_threads;
+  int64_t groups = ceil_div(rows, rows_per_block);
+  const int64_t max_groups = (int64_t{1} << 31) / 8 - 1;
+  if (groups > max_groups) groups = max_groups;  // blocks stride over the remaining rows
+
+  switch (p.dtype) {
+    case DType::kFloat16:
+      return detail::launch_typed<__half>(kp, cfg, aligned, groups, stream);
+    case DType::kBFloat16:
+      return detail::launch_typed<__nv_bfloat16>(kp, cfg, aligned, groups, stream);
+    case DType::kFloat32:
+      return detail::launch_typed<float>(kp, cfg, aligned, groups, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace tp_softmax

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build the extension, run the GPU tests, compute-sanitizer on a
+# subset, the sharding check on every GPU, the benchmark; a short summary table last.
+#
+#   scripts/gpu_check.sh [STAGE ...]     stages: env test sanitize shard generate bench ds (default: all but ds)
+#   OUT=dir  where logs and bench output go (default: ./gpu_out)
+#   WHEELS=dir  extra wheels to install first (e.g. deepspeed and its small deps)
+#   BENCH_ARGS="..." passed to launch/bench.py
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export TP_SOFTMAX_BUILD_DIR=${TP_SOFTMAX_BUILD_DIR:-/tmp/tp_softmax_build}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl &&
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+STAGES=${*:-env test sanitize shard generate bench}
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+declare -a SUMMARY
+note() { SUMMARY+=("$(printf '%-10s %-6s %s' "$1" "$2" "$3")"); }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if has env; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+  t0=$(date +%s)
+  if python3 -m tp_softmax 2>&1 | tee "$OUT/env.txt"; then :; fi
+  grep -q "fused CUDA kernel" "$OUT/env.txt" && note env ok "kernel built+loaded in $(( $(date +%s) - t0 )) s" || note env FAIL "kernel not usable (see env.txt)"
+fi
+if has test; then
+  python3 -m pytest -q -x tests/test_cuda_kernel.py -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/test_cuda.txt"
+  rc=$?; note gpu-tests $([ $rc = 0 ] && echo ok || echo FAIL) "$(tail -1 "$OUT/test_cuda.txt")"
+fi
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 9 \
+      python3 scripts/sanitize_cases.py > "$OUT/sanitize_$tool.txt" 2>&1
+    rc=$?; note $tool $([ $rc = 0 ] && echo ok || echo FAIL) "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.txt" | tail -1)"
+  done
+fi
+if has shard; then
+  for n in $(seq 2 "$NGPU"); do
+    [ "$n" = 2 ] || [ "$n" = 4 ] || [ "$n" = "$NGPU" ] || continue
+    torchrun --standalone --nproc-per-node "$n" launch/verify_sharding.py 2>&1 | tee "$OUT/shard_$n.txt"
+    rc=$?; note shard-$n $([ $rc = 0 ] && echo ok || echo FAIL) "$(tail -1 "$OUT/shard_$n.txt")"
+  done
+fi
+if has generate; then
+  for n in 2 4; do
+    [ "$n" -le "$NGPU" ] || continue
+    for dt in float16 bfloat16; do
+      torchrun --standalone --nproc-per-node "$n" launch/generate.py --pad --dtype "$dt" 2>&1 | tee "$OUT/generate_${n}_$dt.txt"
+      rc=$?; note gen-$n-$dt $([ $rc = 0 ] && echo ok || echo FAIL) "$(tail -1 "$OUT/generate_${n}_$dt.txt")"
+    done
+  done
+fi
+if has ds; then
+  torchrun --standalone --nproc-per-node 2 launch/ds_bloom.py 2>&1 | tee "$OUT/ds_bloom.txt"
+  rc=$?; note ds-bloom $([ $rc = 0 ] && echo ok || echo FAIL) "$(tail -1 "$OUT/ds_bloom.txt")"
+fi
+if has bench; then
+  python3 launch/bench.py --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
+  rc=$?; note bench $([ $rc = 0 ] && echo ok || echo FAIL) "see bench.txt"
+fi
+echo
+echo "==== summary ($(date -u +%F) $(head -1 "$OUT/gpu.txt" 2>/dev/null)) ===="
+printf '%s\n' "${SUMMARY[@]}"

@@ -1,0 +1,25 @@
+"""A representative subset of kernel variants, for compute-sanitizer (memcheck, racecheck).
+
+Small shapes so the sanitizer finishes quickly; covers each row configuration (one thread,
+sub-warp, warp, block, cluster, streaming), aligned and strided operands, masks, alibi, in place.
+"""
+
+import torch
+
+import tp_softmax
+from tp_softmax import attention_softmax
+
+torch.manual_seed(0)
+dev = "cuda"
+for dtype in (torch.float16, torch.float32):
+    for K in (3, 64, 1000, 1025, 8192, 40000, 270000):
+        Q = 3
+        s = torch.randn(2, 2, Q, K, device=dev).to(dtype)
+        mask = torch.rand(2, 1, 1, K, device=dev) > 0.1
+        alibi = torch.randn(2 * 4, 1, K, device=dev).to(dtype)
+        attention_softmax(s, mask=mask, alibi=alibi, head_offset=2, causal=True, window=K // 2 + 1)
+        attention_softmax(s[..., : K - 1], alibi_slopes=tp_softmax.alibi_slopes(2).to(dev),
+                          mask=torch.zeros(Q, K - 1, device=dev, dtype=dtype))
+        attention_softmax(s, inplace=True, causal=True)
+torch.cuda.synchronize()
+print("sanitize cases done")

@@ -1,0 +1,356 @@
+"""The fused CUDA kernel against a float64 oracle (skipped without CUDA).
+
+Every test here requires the kernel itself, not the PyTorch fallback: the module fails (does
+not skip) when CUDA is present but the kernel cannot be built or loaded.
+"""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+import tp_softmax
+from tp_softmax import attention_softmax
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+K_VALUES = [1, 3, 31, 127, 1000, 1025, 4097, 8192, 8193, 16384, 32768, 65537, 262144]
+# fp32: absolute tolerance; fp16 / bf16: at most 2x torch's own error in that dtype (+ floor).
+ATOL = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+LOWP_FACTOR = 2.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_loaded():
+    from tp_softmax import _kernel
+
+    reasons = _kernel.environment_reasons()
+    assert not reasons, f"the CUDA kernel is not usable: {reasons}"
+    warnings.simplefilter("error", RuntimeWarning)  # a fallback announcement fails the test
+    yield
+    warnings.resetwarnings()
+
+
+def oracle(scores, *, layer_scale=1.0, alibi=None, alibi_slopes=None, mask=None, causal=False,
+           window=None, head_offset=0, compute_dtype=torch.float64):
+    """SPEC section 1 written out densely in `compute_dtype` (independent of the package)."""
+    B, H, Q, K = scores.shape
+    dev = scores.device
+    x = scores.to(compute_dtype) * layer_scale
+    if alibi is not None:
+        a = alibi
+        if a.dim() == 3:
+            a = a.reshape(B, a.shape[0] // B, a.shape[1], a.shape[2])
+        x = x + a[:, head_offset:head_offset + H].to(compute_dtype)
+    if alibi_slopes is not None:
+        s = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0)
+        s = s[:, head_offset:head_offset + H].to(compute_dtype)
+        i = torch.arange(Q, device=dev).view(Q, 1)
+        j = torch.arange(K, device=dev).view(1, K)
+        dist = (i + K - Q - j).abs().to(compute_dtype)
+        x = x - s.view(s.shape[0], H, 1, 1) * dist
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            x = x.masked_fill(~mask, float("-inf"))
+        else:
+            x = x + mask.to(compute_dtype)
+    i = torch.arange(Q, device=dev).view(Q, 1) + (K - Q)
+    j = torch.arange(K, device=dev).view(1, K)
+    hidden = torch.zeros(Q, K, dtype=torch.bool, device=dev)
+    if causal:
+        hidden |= j > i
+    if window is not None:
+        hidden |= j <= i - window
+    x = x.masked_fill(hidden, float("-inf"))
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    e = (x - m).exp()
+    s = e.sum(-1, keepdim=True)
+    return torch.where(s > 0, e / s, torch.zeros_like(e))
+
+
+def check(out, args, kwargs, dtype):
+    ref = oracle(*args, **kwargs)
+    err = (out.double() - ref).abs().nan_to_num(nan=float("inf")).max().item()
+    bound = ATOL[dtype]
+    if dtype != torch.float32:
+        lowp = oracle(*args, **kwargs, compute_dtype=dtype).to(dtype)
+        torch_err = (lowp.double() - ref).abs().nan_to_num(nan=0.0).max().item()
+        bound = max(bound, LOWP_FACTOR * torch_err)
+    assert err <= bound, f"max error {err:.3e} > {bound:.3e}"
+
+
+def poisoned_call(scores, **kwargs):
+    torch.cuda.synchronize()
+    out = attention_softmax(scores, **kwargs)
+    torch.cuda.synchronize()
+    return out
+
+
+def make_case(B, H_total, H_local, Q, K, dtype, *, causal, window, bias, mask, gen, layout=None):
+    dev = "cuda"
+    scores = torch.randn(B, H_local, Q, K, device=dev, dtype=torch.float32, generator=gen).mul_(4).to(dtype)
+    kwargs = dict(causal=causal, window=window, head_offset=H_total - H_local, layer_scale=0.7)
+    if bias == "tensor":
+        shape = layout or (B * H_total, 1, K)
+        kwargs["alibi"] = torch.randn(shape, device=dev, generator=gen).to(dtype)
+    elif bias == "slopes":
+        kwargs["alibi_slopes"] = tp_softmax.alibi_slopes(H_total).to(dev)
+    if mask == "bool":
+        m = torch.rand(B, 1, 1, K, device=dev, generator=gen) > 0.2
+        kwargs["mask"] = m
+    elif mask == "additive":
+        pad = torch.zeros(B, 1, 1, K, device=dev, dtype=dtype)
+        for b in range(B):
+            pad[b, ..., : (b * K) // (3 * B)] = float("-inf")
+        kwargs["mask"] = pad
+    return scores, kwargs
+
+
+def q_values(K):
+    qs = [1, 7]
+    if K <= 8193:
+        qs.append(K)
+    return qs
+
+
+FLAG_COMBOS = list(itertools.product([False, True], [None, "w"], [None, "tensor", "slopes"], [None, "bool", "additive"]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", K_VALUES)
+def test_against_oracle_every_flag_combination(K, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(K * 31 + DTYPES.index(dtype))
+    for Q in q_values(K):
+        rows = Q * 6
+        combos = FLAG_COMBOS if rows * K <= 2 ** 24 else FLAG_COMBOS[::5]
+        for causal, win, bias, mask in combos:
+            window = None if win is None else max(1, K // 3 + 1)
+            B, H_total, H_local = (2, 5, 3) if rows * K <= 2 ** 26 else (1, 3, 1)
+            scores, kwargs = make_case(B, H_total, H_local, Q, K, dtype, causal=causal, window=window,
+                                       bias=bias, mask=mask, gen=gen)
+            out = poisoned_call(scores, **kwargs)
+            assert out.dtype == dtype and out.shape == scores.shape
+            check(out, (scores,), kwargs, dtype)
+
+
+ALIBI_LAYOUTS = ["bh1k", "bhqk", "1h1k", "bh1k4", "bhqk4"]
+MASK_LAYOUTS = [(1, 1, 1, "K"), ("B", 1, 1, "K"), ("B", 1, "Q", "K"), (1, 1, "Q", "K"), ("B", "H", "Q", "K"),
+                ("Q", "K"), ("K",), ("B", "H", 1, "K"), (1, "H", "Q", 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [33, 1024, 4100, 20000])
+def test_every_alibi_and_mask_layout(K, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(K)
+    B, H_total, H_local, Q = 2, 6, 2, 5
+    size = {"B": B, "H": H_local, "Q": Q, "K": K, 1: 1}
+    for lay in ALIBI_LAYOUTS:
+        shape = {"bh1k": (B * H_total, 1, K), "bhqk": (B * H_total, Q, K), "1h1k": (1, H_total, 1, K),
+                 "bh1k4": (B, H_total, 1, K), "bhqk4": (B, H_total, Q, K)}[lay]
+        for adt in (dtype, torch.float32):
+            scores, kwargs = make_case(B, H_total, H_local, Q, K, dtype, causal=True, window=None, bias=None,
+                                       mask=None, gen=gen)
+            kwargs["alibi"] = torch.randn(shape, device="cuda", generator=gen).to(adt)
+            check(poisoned_call(scores, **kwargs), (scores,), kwargs, dtype)
+    for lay in MASK_LAYOUTS:
+        shape = tuple(size[d] for d in lay)
+        for mdt in (torch.bool, dtype, torch.float32, torch.float64):
+            scores, kwargs = make_case(B, H_total, H_local, Q, K, dtype, causal=False, window=None, bias="slopes",
+                                       mask=None, gen=gen)
+            if mdt == torch.bool:
+                kwargs["mask"] = torch.rand(shape, device="cuda", generator=gen) > 0.3
+            else:
+                kwargs["mask"] = (torch.randn(shape, device="cuda", generator=gen) * 3).to(mdt)
+            check(poisoned_call(scores, **kwargs), (scores,), kwargs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [5, 300, 5000, 70000, 300000])
+def test_fully_masked_rows_are_zero(K, dtype):
+    scores = torch.randn(2, 2, 3, K, device="cuda").to(dtype)
+    mask = torch.ones(2, 1, 3, K, dtype=torch.bool, device="cuda")
+    mask[0, :, 1] = False
+    out = attention_softmax(scores, mask=mask)
+    assert torch.equal(out[0, :, 1], torch.zeros_like(out[0, :, 1]))
+    assert torch.isfinite(out).all()
+    add = torch.zeros(2, 1, 3, K, device="cuda", dtype=dtype)
+    add[1, :, 2] = float("-inf")
+    out = attention_softmax(scores, mask=add)
+    assert torch.equal(out[1, :, 2], torch.zeros_like(out[1, :, 2]))
+    # Q > K with causal: the first rows see no key
+    s = torch.randn(1, 1, 6, 4, device="cuda").to(dtype)
+    out = attention_softmax(s, causal=True)
+    assert torch.equal(out[0, 0, :2], torch.zeros_like(out[0, 0, :2]))
+    check(out, (s,), dict(causal=True), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [8, 1000, 9000, 140000, 300000])
+def test_nan_placement(K, dtype):
+    scores = torch.randn(1, 2, 4, K, device="cuda").to(dtype)
+    scores[0, 0, 0, 2] = float("nan")           # visible -> row NaN
+    scores[0, 0, 1, K - 1] = float("nan")       # hidden by causal? row 1 of 4: p = K - 3 < K - 1
+    scores[0, 1, 2, 0] = float("nan")           # hidden by the bool mask
+    mask = torch.ones(1, 2, 4, K, dtype=torch.bool, device="cuda")
+    mask[0, 1, 2, 0] = False
+    out = attention_softmax(scores, mask=mask, causal=True)
+    assert torch.isnan(out[0, 0, 0]).all()
+    assert torch.isfinite(out[0, 0, 1]).all() and torch.isfinite(out[0, 1, 2]).all()
+    clean = scores.clone()
+    clean[0, 0, 0, 2] = 0
+    kw = dict(mask=mask, causal=True)
+    ref = oracle(clean, **kw)
+    for idx in [(0, 0, 1), (0, 1, 2), (0, 1, 3)]:
+        assert (out[idx].double() - ref[idx]).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [17, 2048, 40000])
+def test_inplace(K, dtype):
+    scores = torch.randn(2, 3, 4, K, device="cuda").to(dtype)
+    kwargs = dict(causal=True, alibi_slopes=tp_softmax.alibi_slopes(3).cuda())
+    expected = attention_softmax(scores, **kwargs)
+    copy = scores.clone()
+    out = attention_softmax(copy, inplace=True, **kwargs)
+    assert out is copy
+    assert torch.equal(out, expected)
+    # in place on a strided view writes only the view
+    big = torch.randn(2, 3, 4, 2 * K, device="cuda").to(dtype)
+    before = big.clone()
+    view = big[..., ::2]
+    res = attention_softmax(view, inplace=True, causal=True)
+    assert torch.equal(big[..., 1::2], before[..., 1::2])
+    check(res, (before[..., ::2],), dict(causal=True), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [31, 1024, 4104, 70001])
+def test_non_contiguous_inputs_same_bits(K, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    base = torch.randn(2, 3, 5, K, device="cuda", generator=gen).to(dtype)
+    mask = torch.rand(2, 1, 5, K, device="cuda", generator=gen) > 0.1
+    kwargs = dict(mask=mask, causal=True, window=K // 2 + 1)
+    ref = attention_softmax(base, **kwargs)
+    views = [
+        base.transpose(1, 2).contiguous().transpose(1, 2),                       # permuted strides
+        torch.empty(2, 3, 5, K + 3, device="cuda", dtype=dtype)[..., 1:K + 1].copy_(base),  # unaligned rows
+        torch.empty(2, 3, 5, 2 * K, device="cuda", dtype=dtype)[..., ::2].copy_(base),      # key stride 2
+    ]
+    for v in views:
+        assert torch.equal(attention_softmax(v, **kwargs), ref)
+    check(ref, (base,), kwargs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bit_identical_reruns_and_batch_independence(dtype):
+    for K in [100, 2048, 8193, 65537, 262144, 300001]:
+        gen = torch.Generator(device="cuda").manual_seed(K)
+        B, H, Q = (3, 4, 6) if K < 100000 else (2, 2, 2)
+        scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).to(dtype)
+        slopes = tp_softmax.alibi_slopes(H + 2).cuda()
+        kwargs = dict(alibi_slopes=slopes, causal=True, head_offset=2)
+        a = attention_softmax(scores, **kwargs)
+        b = attention_softmax(scores, **kwargs)
+        assert torch.equal(a, b), f"K={K}: reruns differ"
+        # one head of one batch entry, as a tensor of its own (Q unchanged: positions depend on Q)
+        single = attention_softmax(scores[1:2, 1:2].clone(), alibi_slopes=slopes, causal=True, head_offset=3)
+        assert torch.equal(single, a[1:2, 1:2]), f"K={K}: row differs alone vs in the batch"
+
+
+def test_tensor_over_2_31_elements():
+    free, _ = torch.cuda.mem_get_info()
+    K = 65536
+    rows = (2 ** 31) // K + 8
+    need = rows * K * 2 * 2 + (1 << 30)
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free, have {free / 2**30:.1f}")
+    scores = torch.empty(1, 1, rows, K, device="cuda", dtype=torch.float16)
+    scores.normal_()
+    assert scores.numel() > 2 ** 31
+    out = attention_softmax(scores, causal=True)
+    for r in [0, rows // 2, rows - 1]:
+        sl = scores[:, :, r:r + 1]
+        # row r of a [1, 1, rows, K] causal problem sits at p = r + K - rows
+        p = r + K - rows
+        x = sl[0, 0, 0].double()
+        x[p + 1:] = float("-inf")
+        expect = torch.softmax(x, -1)
+        assert (out[0, 0, r].double() - expect).abs().max() < 1e-3, f"row {r}"
+    del scores, out
+
+
+def test_cuda_graph_capture_equals_eager():
+    scores = torch.randn(2, 4, 16, 1000, device="cuda", dtype=torch.float16)
+    mask = torch.zeros(2, 1, 1, 1000, device="cuda", dtype=torch.float16)
+    mask[0, ..., :100] = float("-inf")
+    kwargs = dict(mask=mask, causal=True, alibi_slopes=tp_softmax.alibi_slopes(8).cuda(), head_offset=4)
+    eager = attention_softmax(scores, **kwargs)
+    static = scores.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        attention_softmax(static, **kwargs)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = attention_softmax(static, **kwargs)
+    fresh = torch.randn_like(scores)
+    static.copy_(fresh)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, attention_softmax(fresh, **kwargs))
+    static.copy_(scores)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+def test_opcheck():
+    from tp_softmax import _kernel  # noqa: F401 - registers the fake kernels
+
+    scores = torch.randn(2, 3, 4, 40, device="cuda", dtype=torch.float16)
+    mask = torch.rand(2, 1, 1, 40, device="cuda") > 0.2
+    slopes = tp_softmax.alibi_slopes(3).cuda().unsqueeze(0)
+    bias = torch.randn(2, 3, 1, 40, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.tp_softmax.attention_softmax, (scores, mask, None, slopes, 0.5, True, 0))
+    torch.library.opcheck(torch.ops.tp_softmax.attention_softmax, (scores, None, bias, None, 1.0, False, 7))
+    torch.library.opcheck(torch.ops.tp_softmax.attention_softmax_, (scores.clone(), mask, None, None, 1.0, True, 3))
+
+
+def test_torch_compile_fullgraph():
+    scores = torch.randn(2, 4, 8, 512, device="cuda", dtype=torch.bfloat16)
+    slopes = tp_softmax.alibi_slopes(8).cuda()
+    mask = torch.zeros(2, 1, 1, 512, device="cuda", dtype=torch.bfloat16)
+
+    def f(s, m):
+        return attention_softmax(s * 1.0, mask=m, alibi_slopes=slopes, causal=True, head_offset=4)
+
+    eager = f(scores, mask)
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(scores, mask), eager)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_gpu():
+    scores = torch.randn(2, 3, 5, 3000, device="cuda:1", dtype=torch.float16)
+    mask = torch.rand(2, 1, 5, 3000, device="cuda:1") > 0.3
+    with torch.cuda.device(0):
+        out = attention_softmax(scores, mask=mask, causal=True)
+    assert out.device == scores.device
+    check(out, (scores,), dict(mask=mask, causal=True), torch.float16)
+    with pytest.raises((ValueError, RuntimeError), match="mask"):
+        attention_softmax(scores, mask=mask.to("cuda:0"))
+
+
+def test_streaming_path_and_cluster_path_reported():
+    from tp_softmax import _kernel
+
+    assert "two reads" in _kernel.row_config(300000, torch.float16)
+    assert "cluster 8" in _kernel.row_config(131072, torch.float32)
+    assert "one read" in _kernel.row_config(262144, torch.bfloat16)
