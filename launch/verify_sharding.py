@@ -137,7 +137,7 @@ def compute_shard(case: Case, scores, kwargs, group, fault: Optional[str], is_la
         module.head_offset = offset - 1 if offset > 0 else offset + 1
     if is_last and fault == "raise":
         raise RuntimeError("fault injected by --inject-fault raise")
-    out = module(local, **kwargs)
+    out = module(local, **kwargs).contiguous()
     if is_last and fault == "bits":
         out.view(-1)[:1].view(_int_dtype(out.dtype)).bitwise_xor_(1)
     return out
@@ -268,7 +268,7 @@ def run(args) -> int:
             error = f"{type(exc).__name__}: {exc}"
         if error is not None:
             out = torch.zeros(case.batch, count, case.q, case.k, dtype=scores.dtype, device=device)
-        single = attention_softmax(scores, head_offset=0, **kwargs)
+        single = attention_softmax(scores, head_offset=0, **kwargs).contiguous()
         mine_single = single[:, offset:offset + count].contiguous()
         local_ok = error is None and torch.equal(out.view(torch.uint8), mine_single.view(torch.uint8))
         gathered = gather_heads(out, case, world, group)
