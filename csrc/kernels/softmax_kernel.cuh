@@ -214,6 +214,78 @@ __device__ __forceinline__ void chunk_logits(const SoftmaxParams& P, const Row<T
   }
 }
 
+// ---- the aligned fast path: all loads of a thread first, then the arithmetic -------------------
+
+// 16 bytes of scores, read once: evict-first in the caches.
+__device__ __forceinline__ uint4 load_streaming(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void store_streaming(void* p, uint4 v) {
+  asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
+
+// The raw scores of one chunk, loaded before any arithmetic of the thread. Masks and biases
+// (usually broadcast, so mostly cache hits) are read when the chunk's logits are formed.
+template <typename T, MaskKind MK, BiasKind BK, int V>
+struct RawChunk {
+  using R = Row<T, MK, BK, int>;
+  static constexpr bool kMask = MK != MaskKind::kNone;
+  static constexpr bool kBias = BK == BiasKind::kSame || BK == BiasKind::kFloat32;
+  union {
+    uint4 u;
+    Vec<T, V> v;
+  } s;
+
+  __device__ __forceinline__ void load(const R& r, int j0) { s.u = load_streaming(r.in + j0); }
+
+  // x for the chunk; `mask0` / `bias0`: the row's value when the operand is broadcast along K.
+  __device__ __forceinline__ void logits(const SoftmaxParams& P, const R& r, int j0, bool mask_along_k,
+                                         bool bias_along_k, float mask0, float bias0, float (&x)[V]) const {
+    Vec<typename R::MaskT, V> m;
+    Vec<typename R::BiasT, V> b;
+    if constexpr (kMask) {
+      if (mask_along_k) m = *reinterpret_cast<const Vec<typename R::MaskT, V>*>(r.mask + j0);
+    }
+    if constexpr (kBias) {
+      if (bias_along_k) b = *reinterpret_cast<const Vec<typename R::BiasT, V>*>(r.bias + j0);
+    }
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      float v = to_float(s.v.v[e]) * P.layer_scale;
+      if constexpr (kBias) v += bias_along_k ? to_float(b.v[e]) : bias0;
+      if constexpr (BK == BiasKind::kSlopes) {
+        const int d = r.p - (j0 + e);
+        v += -r.slope * static_cast<float>(d < 0 ? -d : d);
+      }
+      if constexpr (MK == MaskKind::kBool) {
+        v = (mask_along_k ? m.v[e] != 0 : mask0 != 0.0f) ? v : neg_inf();
+      } else if constexpr (kMask) {
+        v += mask_along_k ? to_float(m.v[e]) : mask0;
+      }
+      const int j = j0 + e;
+      x[e] = (j < r.lo || j > r.hi) ? neg_inf() : v;
+    }
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ uint4 pack_chunk(const float (&y)[16 / sizeof(T)]) {
+  union {
+    uint4 u;
+    Vec<T, 16 / sizeof(T)> v;
+  } o;
+#pragma unroll
+  for (int e = 0; e < 16 / static_cast<int>(sizeof(T)); ++e) o.v.v[e] = from_float<T>(y[e]);
+  return o.u;
+}
+
 // ---- reductions with a fixed order -------------------------------------------------------
 // The xor butterfly leaves the same bits in every lane (float max and add are commutative).
 
@@ -319,8 +391,16 @@ __device__ __forceinline__ MS row_reduce_ms(MS v, int row_threads, int cluster, 
 // Grid: groups of `cluster` blocks, each group striding over rows.
 // ALIGNED: K is a multiple of V and every operand that varies along K is read with 16-byte
 // (bool: V-byte) vectors; the values, and so the bits, are the same either way.
+// Blocks per SM the register budget must allow: one chunk per thread fits in 64 registers,
+// which doubles the occupancy of the short-row variant; the others get up to 128.
+template <int CHUNKS, int V>
+struct MinBlocks {
+  static constexpr int value = CHUNKS == 1 ? 2 : 1;
+};
+
 template <typename T, MaskKind MK, BiasKind BK, int CHUNKS, bool ALIGNED>
-__global__ void __launch_bounds__(kMaxBlockThreads, 1) attention_softmax_kernel(const SoftmaxParams P,
+__global__ void __launch_bounds__(kMaxBlockThreads, (MinBlocks<CHUNKS, 16 / sizeof(T)>::value))
+attention_softmax_kernel(const SoftmaxParams P,
                                                                              int row_threads, int cluster) {
   constexpr int V = 16 / sizeof(T);
   // Register variants hold at most 32 * 512 * 16 keys: 32-bit positions suffice.
@@ -347,17 +427,52 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1) attention_softmax_kernel(
     if constexpr (CHUNKS > 0) {
       float x[CHUNKS][V];
       float tmax = neg_inf();
+      if constexpr (ALIGNED) {
+        // Issue every load of the thread before the first use.
+        const bool mask_k = MK != MaskKind::kNone && P.mask_stride[3] != 0;
+        const bool bias_k = (BK == BiasKind::kSame || BK == BiasKind::kFloat32) && P.bias_stride[3] != 0;
+        float mask0 = 0.0f, bias0 = 0.0f;
+        if constexpr (MK == MaskKind::kBool) {
+          if (active && !mask_k) mask0 = r.mask[0] != 0 ? 1.0f : 0.0f;
+        } else if constexpr (MK != MaskKind::kNone) {
+          if (active && !mask_k) mask0 = to_float(r.mask[0]);
+        }
+        if constexpr (BK == BiasKind::kSame || BK == BiasKind::kFloat32) {
+          if (active && !bias_k) bias0 = to_float(r.bias[0]);
+        }
+        RawChunk<T, MK, BK, V> raw[CHUNKS];
+        bool ok[CHUNKS];
 #pragma unroll
-      for (int c = 0; c < CHUNKS; ++c) {
-        const Pos j0 = (c * G + g) * V;
-        if (active && j0 < K && r.visible(j0, V)) {
-          chunk_logits<ALIGNED, T, MK, BK, V, Pos>(P, r, j0, x[c]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < V; ++e) x[c][e] = neg_inf();
+        for (int c = 0; c < CHUNKS; ++c) {
+          const Pos j0 = (c * G + g) * V;
+          ok[c] = active && j0 < K && r.visible(j0, V);
+          if (ok[c]) raw[c].load(r, j0);
         }
 #pragma unroll
-        for (int e = 0; e < V; ++e) tmax = fmaxf(tmax, x[c][e]);
+        for (int c = 0; c < CHUNKS; ++c) {
+          const Pos j0 = (c * G + g) * V;
+          if (ok[c]) {
+            raw[c].logits(P, r, j0, mask_k, bias_k, mask0, bias0, x[c]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) x[c][e] = neg_inf();
+          }
+#pragma unroll
+          for (int e = 0; e < V; ++e) tmax = fmaxf(tmax, x[c][e]);
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+          const Pos j0 = (c * G + g) * V;
+          if (active && j0 < K && r.visible(j0, V)) {
+            chunk_logits<ALIGNED, T, MK, BK, V, Pos>(P, r, j0, x[c]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) x[c][e] = neg_inf();
+          }
+#pragma unroll
+          for (int e = 0; e < V; ++e) tmax = fmaxf(tmax, x[c][e]);
+        }
       }
       float m = row_reduce(tmax, MaxOp{}, row_threads, cluster, sh.warp_max[parity], sh.block_max[parity]);
       if (m == neg_inf()) m = 0.0f;  // no visible key: exp gives 0 everywhere
@@ -382,28 +497,41 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1) attention_softmax_kernel(
           const bool vis = r.visible(j0, V);
 #pragma unroll
           for (int e = 0; e < V; ++e) y[e] = vis ? x[c][e] * inv : hidden;
-          store_row<ALIGNED, T, V, Pos>(r.out, P.out_stride[3], j0, K, y);
+          if constexpr (ALIGNED) {
+            store_streaming(r.out + j0, pack_chunk<T>(y));
+          } else {
+            store_row<ALIGNED, T, V, Pos>(r.out, P.out_stride[3], j0, K, y);
+          }
         }
       }
     } else {
       const Pos nchunks = (K + V - 1) / V;
+      constexpr int U = 4;  // chunks loaded together before the arithmetic
       MS st{neg_inf(), 0.0f};
       if (active) {
-        for (Pos ch = g; ch < nchunks; ch += G) {
-          const Pos j0 = ch * V;
-          if (!r.visible(j0, V)) continue;
-          float x[V];
-          chunk_logits<ALIGNED, T, MK, BK, V, Pos>(P, r, j0, x);
-          float cm = x[0];
+        for (Pos ch0 = g; ch0 < nchunks; ch0 += U * G) {
+          float x[U][V];
+          bool ok[U];
 #pragma unroll
-          for (int e = 1; e < V; ++e) cm = fmaxf(cm, x[e]);
-          if (cm > st.m) {
-            st.s *= fast_exp2((st.m - cm) * kLog2e);
-            st.m = cm;
+          for (int u = 0; u < U; ++u) {
+            const Pos j0 = (ch0 + u * G) * V;
+            ok[u] = ch0 + u * G < nchunks && r.visible(j0, V);
+            if (ok[u]) chunk_logits<ALIGNED, T, MK, BK, V, Pos>(P, r, j0, x[u]);
           }
-          const float shift = (st.m == neg_inf() ? 0.0f : st.m) * kLog2e;
 #pragma unroll
-          for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(x[e], kLog2e, -shift));
+          for (int u = 0; u < U; ++u) {
+            if (!ok[u]) continue;
+            float cm = x[u][0];
+#pragma unroll
+            for (int e = 1; e < V; ++e) cm = fmaxf(cm, x[u][e]);
+            if (cm > st.m) {
+              st.s *= fast_exp2((st.m - cm) * kLog2e);
+              st.m = cm;
+            }
+            const float shift = (st.m == neg_inf() ? 0.0f : st.m) * kLog2e;
+#pragma unroll
+            for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(x[u][e], kLog2e, -shift));
+          }
         }
       }
       const MS tot = row_reduce_ms(st, row_threads, cluster, sh, parity);
@@ -411,18 +539,23 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1) attention_softmax_kernel(
       const float inv = tot.s == 0.0f ? 0.0f : 1.0f / tot.s;
       const float hidden = 0.0f * inv;
       if (active) {
-        for (Pos ch = g; ch < nchunks; ch += G) {
-          const Pos j0 = ch * V;
-          float y[V];
-          if (r.visible(j0, V)) {
-            chunk_logits<ALIGNED, T, MK, BK, V, Pos>(P, r, j0, y);
+        for (Pos ch0 = g; ch0 < nchunks; ch0 += U * G) {
+          float y[U][V];
+          bool vis[U];
 #pragma unroll
-            for (int e = 0; e < V; ++e) y[e] = fast_exp2(fmaf(y[e], kLog2e, -shift)) * inv;
-          } else {
-#pragma unroll
-            for (int e = 0; e < V; ++e) y[e] = hidden;
+          for (int u = 0; u < U; ++u) {
+            const Pos j0 = (ch0 + u * G) * V;
+            vis[u] = ch0 + u * G < nchunks && r.visible(j0, V);
+            if (vis[u]) chunk_logits<ALIGNED, T, MK, BK, V, Pos>(P, r, j0, y[u]);
           }
-          store_row<ALIGNED, T, V, Pos>(r.out, P.out_stride[3], j0, K, y);
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const Pos ch = ch0 + u * G;
+            if (ch >= nchunks) continue;
+#pragma unroll
+            for (int e = 0; e < V; ++e) y[u][e] = vis[u] ? fast_exp2(fmaf(y[u][e], kLog2e, -shift)) * inv : hidden;
+            store_row<ALIGNED, T, V, Pos>(r.out, P.out_stride[3], ch * V, K, y[u]);
+          }
         }
       }
     }

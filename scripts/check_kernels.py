@@ -1,0 +1,77 @@
+"""Compile the CUDA kernels with plain nvcc (no torch) and check the compiler's resource report.
+
+    python scripts/check_kernels.py [--arch sm_90] [--jobs 2]
+
+Fails when a file does not compile, or when a hot variant spills registers or uses a stack
+frame. Hot variants: the one-read (register) configurations with 16-byte aligned rows, which
+every contiguous tensor with K a multiple of the vector width takes. The strided/unaligned and
+streaming (K > 262144) variants are reported but allowed to spill.
+"""
+
+import argparse
+import concurrent.futures
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ROOT / "csrc" / "kernels"
+ENTRY = re.compile(
+    r"Function properties for (\S+)\n\s+(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\n"
+    r"ptxas info\s+: Used (\d+) registers")
+NAME = re.compile(r"attention_softmax_kernelI(\w+?)LNS_8MaskKindE(\d)ELNS_8BiasKindE(\d)ELi(\d+)ELb(\d)E")
+
+
+def compile_one(src: Path, arch: str, out_dir: Path):
+    cmd = ["nvcc", "-std=c++17", f"-arch={arch}", "-O3", "-Xptxas", "-v", "-c", str(src),
+           "-o", str(out_dir / (src.stem + ".o"))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return src.name, proc.returncode, proc.stdout + proc.stderr
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    if shutil.which("nvcc") is None:
+        print("check_kernels: nvcc not found")
+        return 2
+    failures, rows = [], []
+    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        results = pool.map(lambda s: compile_one(s, args.arch, Path(tmp)), sorted(KERNELS.glob("*.cu")))
+        for name, rc, log in results:
+            if rc != 0:
+                failures.append(f"{name}: nvcc exit {rc}\n{log[-3000:]}")
+                continue
+            for fn, stack, spill_st, spill_ld, regs in ENTRY.findall(log):
+                m = NAME.search(fn)
+                if not m:
+                    continue
+                dtype, mask, bias, chunks, aligned = m.groups()
+                hot = aligned == "1" and chunks != "0"
+                bad = int(stack) > 0 or int(spill_st) > 0 or int(spill_ld) > 0
+                rows.append((name, dtype, mask, bias, chunks, aligned, int(regs), int(stack), int(spill_st), hot))
+                if hot and bad:
+                    failures.append(f"{name}: hot variant {fn} spills ({stack} B stack, {spill_st} B spill stores)")
+    n_hot = sum(r[-1] for r in rows)
+    n_spill = sum(1 for r in rows if r[7] or r[8])
+    print(f"check_kernels: {len(rows)} kernel variants compiled for {args.arch}, {n_hot} hot; "
+          f"{n_spill} non-hot variants with a stack frame or spills (allowed)")
+    by_chunks = {}
+    for r in rows:
+        key = (r[1][:12], r[4], r[5])
+        lo, hi = by_chunks.get(key, (999, 0))
+        by_chunks[key] = (min(lo, r[6]), max(hi, r[6]))
+    for (dt, ch, al), (lo, hi) in sorted(by_chunks.items()):
+        print(f"  {dt:12s} chunks={ch:2s} aligned={al}: {lo}-{hi} registers")
+    for f in failures:
+        print("FAIL", f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
