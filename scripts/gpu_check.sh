@@ -2,7 +2,8 @@
 # One call on a GPU machine: build the extension, run the GPU tests, compute-sanitizer on a
 # subset, the sharding check on every GPU, the benchmark; a short summary table last.
 #
-#   scripts/gpu_check.sh [STAGE ...]     stages: env test sanitize shard generate bench ds (default: all but ds)
+#   scripts/gpu_check.sh [STAGE ...]     stages: env test sanitize shard generate bench tp4 ds
+#                                        (default: all but ds; tp4 needs 4 GPUs)
 #   OUT=dir  where logs and bench output go (default: ./gpu_out)
 #   WHEELS=dir  extra wheels to install first (e.g. deepspeed and its small deps)
 #   BENCH_ARGS="..." passed to launch/bench.py
@@ -17,7 +18,7 @@ if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl &&
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-STAGES=${*:-env test sanitize shard generate bench}
+STAGES=${*:-env test sanitize shard generate tp4 bench}
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 declare -a SUMMARY
 note() { SUMMARY+=("$(printf '%-10s %-6s %s' "$1" "$2" "$3")"); }
@@ -59,6 +60,10 @@ fi
 if has ds; then
   torchrun --standalone --nproc-per-node 2 launch/ds_bloom.py 2>&1 | tee "$OUT/ds_bloom.txt"
   rc=$?; note ds-bloom $([ $rc = 0 ] && echo ok || echo FAIL) "$(tail -1 "$OUT/ds_bloom.txt")"
+fi
+if has tp4 && [ "$NGPU" -ge 4 ]; then
+  torchrun --standalone --nproc-per-node 4 launch/bench.py --only bloom176b-tp4 --out "$OUT/bench_tp4" 2>&1 | tee "$OUT/bench_tp4.txt"
+  rc=$?; note bench-tp4 $([ $rc = 0 ] && echo ok || echo FAIL) "$(grep -i scaling "$OUT/bench_tp4.txt" | tail -1)"
 fi
 if has bench; then
   python3 launch/bench.py --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
