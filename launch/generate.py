@@ -166,7 +166,7 @@ def check_tokens(ours_tok, ref_last, bound):
     ties = bool((shortfall <= bound).all())
     text += (f"; tokens differ in rows {rows.tolist()}: ours {ours_tok[rows].tolist()}, Hugging Face "
              f"{ref_tok[rows].tolist()}, {shortfall.max().item():.2e} below its best "
-             + ("(a tie within the bound)" if ties else "FAIL"))
+             + ("(a tie within the bound)" if ties else "(not a tie)"))
     return ties, text
 
 
@@ -203,7 +203,7 @@ def run(args, device, group) -> bool:
                 tok_ok, text = check_tokens(next_tok, ref_logits[:, -1].float(), bound)
                 equal += int(torch.equal(next_tok, ref_logits[:, -1].float().argmax(-1)))
                 ok = ok and step_ok and tok_ok
-                print(line + text + ("" if step_ok else "  FAIL"), flush=True)
+                print(line + text + ("" if step_ok and tok_ok else "  FAIL"), flush=True)
                 ref.append(next_tok)  # both models go on with the same sequence
             generated.append(next_tok)
             mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)

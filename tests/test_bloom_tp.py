@@ -59,7 +59,11 @@ def hf_attention_mask(mask, q_len, dtype):
 
 def hf_attention(attn, x, mask):
     alibi = modeling_bloom.build_alibi_tensor(mask, attn.num_heads, x.dtype)
-    out = attn(x, torch.zeros_like(x), alibi=alibi, attention_mask=hf_attention_mask(mask, x.size(1), x.dtype))
+    additive = hf_attention_mask(mask, x.size(1), x.dtype)
+    try:
+        out = attn(x, torch.zeros_like(x), alibi=alibi, attention_mask=additive)
+    except RuntimeError:  # older transformers (4.4x): a bool mask, True = hidden
+        out = attn(x, torch.zeros_like(x), alibi=alibi, attention_mask=additive < 0)
     return out[0]
 
 

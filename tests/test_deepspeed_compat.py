@@ -462,7 +462,7 @@ def hf_attention_and_context(heads, hidden, seed=0):
 
     torch.manual_seed(seed)
     cfg = transformers.BloomConfig(hidden_size=hidden, n_head=heads, n_layer=1, vocab_size=16, initializer_range=0.1)
-    attn = modeling_bloom.BloomAttention(cfg, layer_idx=0).eval()
+    attn = transformers.BloomForCausalLM(cfg).eval().transformer.h[0].self_attention
 
     def context(x, mask):
         """Hugging Face's attention context (the input of ``dense``) ``[B, L, hidden]``."""
@@ -472,9 +472,12 @@ def hf_attention_and_context(heads, hidden, seed=0):
         additive = torch.where(allowed, 0.0, torch.finfo(x.dtype).min)[:, None]
         seen = []
         hook = attn.dense.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+        alibi = modeling_bloom.build_alibi_tensor(mask, heads, x.dtype)
         try:
-            attn(x, torch.zeros_like(x), alibi=modeling_bloom.build_alibi_tensor(mask, heads, x.dtype),
-                 attention_mask=additive)
+            attn(x, torch.zeros_like(x), alibi=alibi, attention_mask=additive)
+        except RuntimeError:  # older transformers (4.4x): a bool mask, True = hidden
+            seen.clear()
+            attn(x, torch.zeros_like(x), alibi=alibi, attention_mask=additive < 0)
         finally:
             hook.remove()
         return seen[0]
@@ -522,3 +525,55 @@ def test_patched_deepspeed_bloom_attention_equals_hf(ds_attention, mp_size, rank
         ctx, past = run(7, 9, past)                     # chunk with the cache (Q == 2, K == 9)
         torch.testing.assert_close(ctx, expected[:, 7:9], atol=2e-6, rtol=0)
     assert past[0].shape == (batch * count, head_dim, length)
+
+
+# ---------------------------------------------------------------- DeepSpeed's own init_inference
+
+
+def _ds_bloom_skip_reason(gpus):
+    try:
+        import deepspeed  # noqa: F401
+        import transformers
+    except Exception as exc:
+        return f"needs deepspeed and transformers ({exc})"
+    if tuple(int(v) for v in transformers.__version__.split(".")[:2]) > (4, 43):
+        return (f"DeepSpeed's BLOOM kernel injection refuses transformers {transformers.__version__} "
+                "(it needs <= 4.43.4)")
+    if gpus and torch.cuda.device_count() < gpus:
+        return f"needs {gpus} CUDA GPUs"
+    return None
+
+
+def _run_ds_bloom(nproc, extra, timeout):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           os.path.join(root, "launch", "ds_bloom.py"), "--pad"] + extra
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "PASS: DeepSpeed inference with tp_softmax matches Hugging Face" in proc.stdout, out[-6000:]
+    assert "softmax ops: ['tp_softmax.deepspeed.SoftmaxOp']" in proc.stdout
+    return proc.stdout
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(_ds_bloom_skip_reason(0) is not None, reason=str(_ds_bloom_skip_reason(0)))
+def test_deepspeed_init_inference_on_cpu_with_fallbacks():
+    """DeepSpeed's init_inference, kernel injection and tp_size 2 on CPU (gloo), its compiled ops
+    replaced by their PyTorch fallbacks, tp_softmax patched in: against Hugging Face."""
+    out = _run_ds_bloom(2, ["--ds-fallback", "--dtype", "float32", "--device", "cpu"], 280)
+    assert "rank 1: tp_softmax heads [4, 8) of 8" in out
+
+
+@pytest.mark.cuda
+@pytest.mark.multigpu
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(_ds_bloom_skip_reason(2) is not None, reason=str(_ds_bloom_skip_reason(2)))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_deepspeed_init_inference_on_two_gpus(dtype):
+    """The same with DeepSpeed's compiled inference ops (JIT-built with nvcc) on 2 GPUs, NCCL."""
+    _run_ds_bloom(2, ["--dtype", dtype], 1700)
