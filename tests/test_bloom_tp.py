@@ -162,6 +162,10 @@ def test_tp_model_at_world_size_one_equals_hf_logits():
     rows = mask.bool()
     torch.testing.assert_close(logits[rows], expected[rows], atol=1e-5, rtol=0)
     assert len(cache) == 2
+    with_grad, _ = model(ids, mask)  # autograd on: the softmax must not run in place
+    torch.testing.assert_close(with_grad.detach(), logits, atol=0, rtol=0)
+    model.to(torch.bfloat16)  # a dtype cast leaves the float32 slopes alone
+    assert model.h[0].self_attention.slopes.dtype == torch.float32
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids[:, :1], mask, cache)  # K is 7 with the cache, the mask has 6
 

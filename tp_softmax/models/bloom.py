@@ -84,7 +84,8 @@ class TPBloomAttention(nn.Module):
         self.dense_bias = nn.Parameter(hf_attention.dense.bias.detach().clone(), requires_grad=False)
 
         self.softmax = TPSoftmax(total_heads, group, rank=rank, world_size=world_size)
-        self.register_buffer("slopes", alibi_slopes(total_heads).to(qkv.weight.device), persistent=False)
+        # The global slopes, float32 (a plain attribute: a dtype cast of the model leaves it alone).
+        self.slopes = alibi_slopes(total_heads).to(qkv.weight.device)
         self.scale = 1.0 / math.sqrt(head_dim)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor,
@@ -102,9 +103,11 @@ class TPBloomAttention(nn.Module):
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
 
+        if self.slopes.device != q.device:
+            self.slopes = self.slopes.to(q.device)
         scores = torch.matmul(q, k.transpose(-1, -2))  # [B, H_local, Q, K]
         probs = self.softmax(scores, layer_scale=self.scale, alibi_slopes=self.slopes,
-                             mask=key_mask, causal=True, inplace=True)
+                             mask=key_mask, causal=True, inplace=not scores.requires_grad)
         context = torch.matmul(probs, v).transpose(1, 2).reshape(batch, q_len, -1)
 
         out = _all_reduce(self.dense(context), self.group, self.world_size)
