@@ -11,8 +11,9 @@ over the N ranks, and its ``BloomSelfAttention`` runs tp_softmax's ``SoftmaxOp``
 DeepSpeed's softmax kernel. Greedy generation uses the model's KV cache (a prefill, then
 one token per step). Rank 0 also runs the unsharded Hugging Face model on the same tokens
 and checks the logits of every step (within ``DS_RTOL`` of their scale) and the greedy tokens
-(equal, or a tie within that bound, as in ``launch/generate.py``). The script also checks that DeepSpeed really injected its layers and
-that tp_softmax's op ran in every layer of every step; every rank exits non-zero otherwise.
+(equal, or a tie within that bound, as in ``launch/generate.py``). It also checks that
+DeepSpeed really injected its layers and that tp_softmax's op ran in every layer of every
+step; every rank exits non-zero otherwise.
 
 ``--ds-fallback`` replaces DeepSpeed's compiled inference ops (JIT-built with nvcc on first use)
 by their PyTorch fallbacks: for a machine where they cannot be built, and for a dry run on

@@ -533,7 +533,7 @@ def test_patched_deepspeed_bloom_attention_equals_hf(ds_attention, mp_size, rank
 def _ds_bloom_skip_reason(gpus):
     try:
         import deepspeed  # noqa: F401
-        import transformers
+        import transformers  # noqa: F401
     except Exception as exc:
         return f"needs deepspeed and transformers ({exc})"
     if tuple(int(v) for v in transformers.__version__.split(".")[:2]) > (4, 43):

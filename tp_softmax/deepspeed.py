@@ -153,8 +153,8 @@ class SoftmaxOp(torch.nn.Module):
         """DeepSpeed's ``softmax_<dtype>(...)``; ``head_offset`` is ignored (module docstring)."""
         _, _, offset, count = self._placement()
         if not isinstance(attn_scores, torch.Tensor) or attn_scores.dim() != 4:
-            raise ValueError("SoftmaxOp: attn_scores must be a 4-D tensor [B, H_local, Q, K], got "
-                             f"{tuple(attn_scores.shape) if isinstance(attn_scores, torch.Tensor) else type(attn_scores).__name__}")
+            got = tuple(attn_scores.shape) if isinstance(attn_scores, torch.Tensor) else type(attn_scores).__name__
+            raise ValueError(f"SoftmaxOp: attn_scores must be a 4-D tensor [B, H_local, Q, K], got {got}")
         if attn_scores.dtype != self.compute_dtype:
             raise TypeError(f"SoftmaxOp: attn_scores has dtype {attn_scores.dtype} but the config "
                             f"(dtype {self.config.dtype}) computes in {self.compute_dtype}")
@@ -198,8 +198,9 @@ def patch() -> None:
 
     ``deepspeed.ops.transformer.inference.ds_attention.SoftmaxOp`` becomes this class, so
     ``BloomSelfAttention`` constructs it, and each ``BloomSelfAttention`` binds its op to its
-    own ``mp_group`` (the tensor-parallel group; without one, see :class:`SoftmaxOp`). Call it before ``deepspeed.init_inference``.
-    Patching twice is a no-op; :func:`unpatch` restores DeepSpeed.
+    own ``mp_group`` (the tensor-parallel group; without one, see :class:`SoftmaxOp`). Call it
+    before ``deepspeed.init_inference``. Patching twice is a no-op; :func:`unpatch` restores
+    DeepSpeed.
     """
     if _saved:
         return
