@@ -30,6 +30,7 @@ Usage::
 """
 
 import math
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -41,6 +42,12 @@ from ..parallel import TPSoftmax, group_rank_and_size, head_partition
 __all__ = ["TPBloomAttention", "TPBloomMLP", "TPBloomBlock", "TPBloomForCausalLM", "KVCache"]
 
 KVCache = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [B, H_local, K, head_dim]
+
+
+def _group_handle(group):
+    """A callable returning ``group`` without keeping it alive. A model that outlives
+    ``destroy_process_group()`` must not hold the default gloo group: PyTorch aborts at exit."""
+    return (lambda: None) if group is None else weakref.ref(group)
 
 
 def _all_reduce(x: torch.Tensor, group, world_size: int) -> torch.Tensor:
@@ -68,7 +75,7 @@ class TPBloomAttention(nn.Module):
         total_heads = hf_attention.num_heads
         head_dim = hf_attention.head_dim
         hidden = hf_attention.hidden_size
-        self.group, self.world_size = group, world_size
+        self.group, self.world_size = _group_handle(group), world_size
         self.head_offset, self.local_heads = head_partition(total_heads, world_size, rank)
         self.head_dim = head_dim
         heads = slice(self.head_offset, self.head_offset + self.local_heads)
@@ -109,7 +116,7 @@ class TPBloomAttention(nn.Module):
                              mask=key_mask, causal=True, inplace=not scores.requires_grad)
         context = torch.matmul(probs, v).transpose(1, 2).reshape(batch, q_len, -1)
 
-        out = _all_reduce(self.dense(context), self.group, self.world_size)
+        out = _all_reduce(self.dense(context), self.group(), self.world_size)
         return out + self.dense_bias, (k, v)
 
 
@@ -121,7 +128,7 @@ class TPBloomMLP(nn.Module):
         width = hf_mlp.dense_h_to_4h.out_features
         offset, count = head_partition(width, world_size, rank)
         cols = slice(offset, offset + count)
-        self.group, self.world_size = group, world_size
+        self.group, self.world_size = _group_handle(group), world_size
         up, down = hf_mlp.dense_h_to_4h, hf_mlp.dense_4h_to_h
         self.dense_h_to_4h = _linear(up.weight.detach()[cols], up.bias.detach()[cols])
         self.dense_4h_to_h = _linear(down.weight.detach()[:, cols], None)
@@ -134,7 +141,7 @@ class TPBloomMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.dense_4h_to_h(self.gelu(self.dense_h_to_4h(x)))
-        return _all_reduce(out, self.group, self.world_size) + self.dense_4h_to_h_bias
+        return _all_reduce(out, self.group(), self.world_size) + self.dense_4h_to_h_bias
 
 
 class TPBloomBlock(nn.Module):
@@ -164,7 +171,6 @@ class TPBloomForCausalLM(nn.Module):
         if getattr(config, "pretraining_tp", 1) > 1 and getattr(config, "slow_but_exact", False):
             raise ValueError("slow_but_exact BLOOM checkpoints are not supported")
         self.rank, self.world_size = group_rank_and_size(group)
-        self.group = group
         hf = hf_model.transformer
         self.word_embeddings = hf.word_embeddings
         self.word_embeddings_layernorm = hf.word_embeddings_layernorm
