@@ -171,7 +171,7 @@ def test_every_alibi_and_mask_layout(K, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("K", [5, 300, 5000, 70000, 300000])
+@pytest.mark.parametrize("K", [5, 300, 5000, 70000, 300000, 600001])
 def test_fully_masked_rows_are_zero(K, dtype):
     scores = torch.randn(2, 2, 3, K, device="cuda").to(dtype)
     mask = torch.ones(2, 1, 3, K, dtype=torch.bool, device="cuda")
@@ -191,7 +191,7 @@ def test_fully_masked_rows_are_zero(K, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("K", [8, 1000, 9000, 140000, 300000])
+@pytest.mark.parametrize("K", [8, 1000, 9000, 140000, 300000, 600008])
 def test_nan_placement(K, dtype):
     scores = torch.randn(1, 2, 4, K, device="cuda").to(dtype)
     scores[0, 0, 0, 2] = float("nan")           # visible -> row NaN
@@ -249,7 +249,7 @@ def test_non_contiguous_inputs_same_bits(K, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bit_identical_reruns_and_batch_independence(dtype):
-    for K in [100, 2048, 8193, 65537, 262144, 300001]:
+    for K in [100, 2048, 8193, 65537, 262144, 300001, 600001]:
         gen = torch.Generator(device="cuda").manual_seed(K)
         B, H, Q = (3, 4, 6) if K < 100000 else (2, 2, 2)
         scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).to(dtype)
@@ -351,6 +351,6 @@ def test_second_gpu():
 def test_streaming_path_and_cluster_path_reported():
     from tp_softmax import _kernel
 
-    assert "two reads" in _kernel.row_config(300000, torch.float16)
+    assert "two reads" in _kernel.row_config(600000, torch.float16)
     assert "cluster 8" in _kernel.row_config(131072, torch.float32)
     assert "one read" in _kernel.row_config(262144, torch.bfloat16)

@@ -13,10 +13,9 @@ namespace detail {
 template <typename T>
 cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool aligned, int64_t groups,
                          cudaStream_t stream) {
-  constexpr int kMaxChunks = 32 / (16 / sizeof(T));  // 32 float32 logits per thread
   return MASK_KIND_SWITCH(p.mask_kind, MK, [&] {
     return BIAS_KIND_SWITCH(p.bias_kind, BK, [&] {
-      return CHUNKS_SWITCH(cfg.chunks, kMaxChunks, CH, [&] {
+      return CHUNKS_SWITCH(cfg.chunks, CH, [&] {
         auto kernel = aligned ? attention_softmax_kernel<T, MK, BK, CH, true>
                               : attention_softmax_kernel<T, MK, BK, CH, false>;
         dim3 grid(static_cast<unsigned>(groups * cfg.cluster));

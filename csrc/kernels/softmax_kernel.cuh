@@ -391,19 +391,25 @@ __device__ __forceinline__ MS row_reduce_ms(MS v, int row_threads, int cluster, 
 // Grid: groups of `cluster` blocks, each group striding over rows.
 // ALIGNED: K is a multiple of V and every operand that varies along K is read with 16-byte
 // (bool: V-byte) vectors; the values, and so the bits, are the same either way.
-// Blocks per SM the register budget must allow: one chunk per thread fits in 64 registers,
-// which doubles the occupancy of the short-row variant; the others get up to 128.
-template <int CHUNKS, int V>
-struct MinBlocks {
-  static constexpr int value = CHUNKS == 1 ? 2 : 1;
+// Launch bounds per variant: up to 4 chunks per thread run in blocks of at most 256 threads,
+// 3 blocks per SM (80 registers) unless both a mask and a bias tensor are read (2 blocks, 128);
+// 8 chunks and the streaming path in blocks of up to 512 threads with up to 128 registers.
+// choose_row_config keeps to these block sizes.
+template <int CHUNKS, MaskKind MK, BiasKind BK>
+struct Bounds {
+  static constexpr bool kSmall = CHUNKS > 0 && CHUNKS <= 4;
+  static constexpr bool kTwoOperands =
+      MK != MaskKind::kNone && (BK == BiasKind::kSame || BK == BiasKind::kFloat32);
+  static constexpr int threads = kSmall ? 256 : kMaxBlockThreads;
+  static constexpr int min_blocks = kSmall ? (kTwoOperands ? 2 : 3) : 1;
 };
 
 template <typename T, MaskKind MK, BiasKind BK, int CHUNKS, bool ALIGNED>
-__global__ void __launch_bounds__(kMaxBlockThreads, (MinBlocks<CHUNKS, 16 / sizeof(T)>::value))
+__global__ void __launch_bounds__(Bounds<CHUNKS, MK, BK>::threads, Bounds<CHUNKS, MK, BK>::min_blocks)
 attention_softmax_kernel(const SoftmaxParams P,
                                                                              int row_threads, int cluster) {
   constexpr int V = 16 / sizeof(T);
-  // Register variants hold at most 32 * 512 * 16 keys: 32-bit positions suffice.
+  // Register variants hold at most 64 * 512 * 16 keys: 32-bit positions suffice.
   using Pos = typename std::conditional<(CHUNKS > 0), int, int64_t>::type;
   __shared__ SharedScratch sh;
 
@@ -425,13 +431,19 @@ attention_softmax_kernel(const SoftmaxParams P,
     const Row<T, MK, BK, Pos> r(P, active ? row : 0);
 
     if constexpr (CHUNKS > 0) {
-      float x[CHUNKS][V];
-      float tmax = neg_inf();
+      // One read: the raw 16-byte chunks of scores stay in registers (4 registers each, whatever
+      // the dtype); logits are formed twice from them (online max / sum, then the write), so a
+      // thread holds its chunks at half the registers of float32 logits.
+      RawChunk<T, MK, BK, V> raw[CHUNKS];
+      bool ok[CHUNKS];
+      // With both a mask and a bias tensor, re-reading them for the write costs more than keeping
+      // the float32 logits (short rows only: 32 of them per thread).
+      constexpr bool kKeep = Bounds<CHUNKS, MK, BK>::kTwoOperands && CHUNKS <= 4;
+      float kept[kKeep ? CHUNKS : 1][V];
+      float mask0 = 0.0f, bias0 = 0.0f;
+      const bool mask_k = MK != MaskKind::kNone && P.mask_stride[3] != 0;
+      const bool bias_k = (BK == BiasKind::kSame || BK == BiasKind::kFloat32) && P.bias_stride[3] != 0;
       if constexpr (ALIGNED) {
-        // Issue every load of the thread before the first use.
-        const bool mask_k = MK != MaskKind::kNone && P.mask_stride[3] != 0;
-        const bool bias_k = (BK == BiasKind::kSame || BK == BiasKind::kFloat32) && P.bias_stride[3] != 0;
-        float mask0 = 0.0f, bias0 = 0.0f;
         if constexpr (MK == MaskKind::kBool) {
           if (active && !mask_k) mask0 = r.mask[0] != 0 ? 1.0f : 0.0f;
         } else if constexpr (MK != MaskKind::kNone) {
@@ -440,68 +452,70 @@ attention_softmax_kernel(const SoftmaxParams P,
         if constexpr (BK == BiasKind::kSame || BK == BiasKind::kFloat32) {
           if (active && !bias_k) bias0 = to_float(r.bias[0]);
         }
-        RawChunk<T, MK, BK, V> raw[CHUNKS];
-        bool ok[CHUNKS];
-#pragma unroll
-        for (int c = 0; c < CHUNKS; ++c) {
-          const Pos j0 = (c * G + g) * V;
-          ok[c] = active && j0 < K && r.visible(j0, V);
-          if (ok[c]) raw[c].load(r, j0);
-        }
-#pragma unroll
-        for (int c = 0; c < CHUNKS; ++c) {
-          const Pos j0 = (c * G + g) * V;
-          if (ok[c]) {
-            raw[c].logits(P, r, j0, mask_k, bias_k, mask0, bias0, x[c]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < V; ++e) x[c][e] = neg_inf();
-          }
-#pragma unroll
-          for (int e = 0; e < V; ++e) tmax = fmaxf(tmax, x[c][e]);
-        }
-      } else {
-#pragma unroll
-        for (int c = 0; c < CHUNKS; ++c) {
-          const Pos j0 = (c * G + g) * V;
-          if (active && j0 < K && r.visible(j0, V)) {
-            chunk_logits<ALIGNED, T, MK, BK, V, Pos>(P, r, j0, x[c]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < V; ++e) x[c][e] = neg_inf();
-          }
-#pragma unroll
-          for (int e = 0; e < V; ++e) tmax = fmaxf(tmax, x[c][e]);
-        }
       }
-      float m = row_reduce(tmax, MaxOp{}, row_threads, cluster, sh.warp_max[parity], sh.block_max[parity]);
-      if (m == neg_inf()) m = 0.0f;  // no visible key: exp gives 0 everywhere
-      const float shift = m * kLog2e;
-      float tsum = 0.0f;
-#pragma unroll
-      for (int c = 0; c < CHUNKS; ++c) {
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          x[c][e] = fast_exp2(fmaf(x[c][e], kLog2e, -shift));
-          tsum += x[c][e];
-        }
-      }
-      const float s = row_reduce(tsum, SumOp{}, row_threads, cluster, sh.warp_sum[parity], sh.block_sum[parity]);
-      const float inv = s == 0.0f ? 0.0f : 1.0f / s;  // NaN stays NaN
-      const float hidden = 0.0f * inv;                 // 0, or NaN for a NaN row
+      // Every load of the thread before the first use.
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c) {
         const Pos j0 = (c * G + g) * V;
-        if (active && j0 < K) {
-          float y[V];
-          const bool vis = r.visible(j0, V);
+        ok[c] = active && j0 < K && r.visible(j0, V);
+        if constexpr (ALIGNED) {
+          if (ok[c]) raw[c].load(r, j0);
+        }
+      }
+      MS st{neg_inf(), 0.0f};
 #pragma unroll
-          for (int e = 0; e < V; ++e) y[e] = vis ? x[c][e] * inv : hidden;
-          if constexpr (ALIGNED) {
-            store_streaming(r.out + j0, pack_chunk<T>(y));
+      for (int c = 0; c < CHUNKS; ++c) {
+        if (!ok[c]) continue;
+        const Pos j0 = (c * G + g) * V;
+        float x[V];
+        if constexpr (ALIGNED) {
+          raw[c].logits(P, r, j0, mask_k, bias_k, mask0, bias0, x);
+        } else {
+          chunk_logits<ALIGNED, T, MK, BK, V, Pos>(P, r, j0, x);
+        }
+        if constexpr (kKeep) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) kept[c][e] = x[e];
+        }
+        float cm = x[0];
+#pragma unroll
+        for (int e = 1; e < V; ++e) cm = fmaxf(cm, x[e]);
+        if (cm > st.m) {
+          st.s *= fast_exp2((st.m - cm) * kLog2e);
+          st.m = cm;
+        }
+        const float shift = (st.m == neg_inf() ? 0.0f : st.m) * kLog2e;
+#pragma unroll
+        for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(x[e], kLog2e, -shift));
+      }
+      const MS tot = row_reduce_ms(st, row_threads, cluster, sh, parity);
+      const float shift = (tot.m == neg_inf() ? 0.0f : tot.m) * kLog2e;
+      const float inv = tot.s == 0.0f ? 0.0f : 1.0f / tot.s;  // NaN stays NaN
+      const float hidden = 0.0f * inv;                         // 0, or NaN for a NaN row
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c) {
+        const Pos j0 = (c * G + g) * V;
+        if (!(active && j0 < K)) continue;
+        float y[V];
+        if (ok[c]) {
+          if constexpr (kKeep) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) y[e] = kept[c][e];
+          } else if constexpr (ALIGNED) {
+            raw[c].logits(P, r, j0, mask_k, bias_k, mask0, bias0, y);
           } else {
-            store_row<ALIGNED, T, V, Pos>(r.out, P.out_stride[3], j0, K, y);
+            chunk_logits<ALIGNED, T, MK, BK, V, Pos>(P, r, j0, y);
           }
+#pragma unroll
+          for (int e = 0; e < V; ++e) y[e] = fast_exp2(fmaf(y[e], kLog2e, -shift)) * inv;
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; ++e) y[e] = hidden;
+        }
+        if constexpr (ALIGNED) {
+          store_streaming(r.out + j0, pack_chunk<T>(y));
+        } else {
+          store_row<ALIGNED, T, V, Pos>(r.out, P.out_stride[3], j0, K, y);
         }
       }
     } else {

@@ -39,22 +39,23 @@ bool rows_vectorisable(const void* ptr, const int64_t* stride, int vec, int elem
 }  // namespace
 
 RowConfig choose_row_config(int64_t K, DType dtype) {
-  const int vec = 16 / elem_size(dtype);
-  const int chunks32 = 32 / vec;  // 32 float32 logits in registers per thread
-  const int64_t chunks = ceil_div(K, vec);
-  if (chunks <= 32) {
-    const int rt = static_cast<int>(next_pow2(chunks));
-    return {1, rt, 1, 128};
+  const int64_t chunks = ceil_div(K, 16 / elem_size(dtype));  // 16-byte chunks of a row
+  // Short rows: 4 chunks per thread (64 bytes in flight), several rows per 128-thread block.
+  if (chunks <= 4) return {static_cast<int>(next_pow2(chunks)), 1, 1, 128};
+  if (chunks <= 4 * 32) return {4, static_cast<int>(next_pow2(ceil_div(chunks, 4))), 1, 128};
+  // A block per row, up to 256 threads with 4 chunks each, then up to 512 with 8.
+  if (chunks <= 4 * 256) {
+    const int rt = static_cast<int>(next_pow2(ceil_div(chunks, 4)));
+    return {4, rt, 1, rt};
   }
-  if (chunks <= 64) return {2, 32, 1, 128};
-  if (chunks <= 32 * chunks32) return {chunks32, 32, 1, 128};
-  const int64_t threads = ceil_div(chunks, chunks32);
-  if (threads <= 512) {
-    const int rt = static_cast<int>(next_pow2(threads));
-    return {chunks32, rt, 1, rt};
+  if (chunks <= 8 * 512) {
+    const int rt = static_cast<int>(next_pow2(ceil_div(chunks, 8)));
+    return {8, rt, 1, rt};
   }
-  if (threads <= 512 * 8) return {chunks32, 512, static_cast<int>(next_pow2(ceil_div(threads, 512))), 512};
-  if (threads <= 512 * 16) return {chunks32, 512, 16, 512};  // non-portable cluster of 16 SMs
+  // A cluster of blocks per row, reducing through distributed shared memory.
+  if (chunks <= 8 * 512 * 16) {
+    return {8, 512, static_cast<int>(next_pow2(ceil_div(chunks, 8 * 512))), 512};
+  }
   return {0, 512, 8, 512};  // streaming: the row is read twice
 }
 
