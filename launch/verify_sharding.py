@@ -26,6 +26,7 @@ the check can be seen to fail: ``head-offset`` (reads the heads one to the side)
 
 import argparse
 import datetime
+import gc
 import math
 import os
 import socket
@@ -304,6 +305,7 @@ def main(argv=None) -> int:
         return run(args)
     finally:
         if dist.is_initialized():
+            gc.collect()  # no stray reference to the group may outlive it (gloo aborts at exit)
             dist.destroy_process_group()
 
 
