@@ -39,7 +39,9 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from tp_softmax import TPSoftmax, attention_softmax, head_partition
+# From a checkout, without installing: the package sits beside launch/.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tp_softmax import TPSoftmax, attention_softmax, head_partition  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FAULTS = ("head-offset", "bits", "raise", "stall", "options", "shapes")
