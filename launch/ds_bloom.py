@@ -38,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from generate import DTYPES, check_tokens, make_inputs  # noqa: E402
+from generate import DTYPES, check_tokens, make_inputs, run_and_agree  # noqa: E402
 
 MAX_TRANSFORMERS = (4, 43)
 # DeepSpeed's fused kernels round differently from Hugging Face (and its PyTorch fallbacks use
@@ -206,23 +206,9 @@ def main(argv=None) -> int:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
-        try:
-            # The default group is passed down, never held here: a reference to it that lives
-            # past destroy_process_group() makes PyTorch abort at exit (gloo).
-            ok = run(args, device, dist.group.WORLD)
-        except Exception as exc:
-            import traceback
-
-            traceback.print_exc()
-            print(f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-            ok = False
-        flag = torch.tensor([0 if ok else 1], device=device)
-        dist.all_reduce(flag)
-        ok = flag.item() == 0
-        if dist.get_rank() == 0:
-            print("PASS: DeepSpeed inference with tp_softmax matches Hugging Face" if ok else
-                  "FAIL: DeepSpeed inference with tp_softmax does not match Hugging Face", flush=True)
-        return 0 if ok else 1
+        return run_and_agree(lambda: run(args, device, dist.group.WORLD), device,
+                             "PASS: DeepSpeed inference with tp_softmax matches Hugging Face",
+                             "FAIL: DeepSpeed inference with tp_softmax does not match Hugging Face")
     finally:
         # Free what run() left in reference cycles while the group still exists: with gloo,
         # PyTorch can abort at exit when such objects outlive destroy_process_group().

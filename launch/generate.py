@@ -217,6 +217,29 @@ def run(args, device, group) -> bool:
     return ok
 
 
+def run_and_agree(check, device, pass_line: str, fail_line: str) -> int:
+    """Run ``check()`` (True = pass) on every rank; all ranks agree on the verdict (a rank that
+    raised fails it), rank 0 prints it, and every rank returns the exit status.
+
+    The default group is passed to ``check`` by the caller, never held here: a reference to it
+    that lives past destroy_process_group() makes PyTorch abort at exit (gloo).
+    """
+    try:
+        ok = check()
+    except Exception as exc:  # report it, then let every rank agree on the failure
+        import traceback
+
+        traceback.print_exc()
+        print(f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        ok = False
+    flag = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(flag)
+    ok = flag.item() == 0
+    if dist.get_rank() == 0:
+        print(pass_line if ok else fail_line, flush=True)
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -231,26 +254,14 @@ def main(argv=None) -> int:
     dist.init_process_group("nccl" if use_cuda else "gloo",
                             timeout=datetime.timedelta(seconds=args.timeout))
     try:
-        try:
-            # The default group is passed down, never held here: a reference to it that lives
-            # past destroy_process_group() makes PyTorch abort at exit (gloo).
-            ok = run(args, device, dist.group.WORLD)
-        except Exception as exc:  # report it, then let every rank agree on the failure
-            print(f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-            ok = False
-        flag = torch.tensor([0 if ok else 1], device=device)
-        dist.all_reduce(flag)
-        ok = flag.item() == 0
-        if dist.get_rank() == 0:
-            print("PASS: tensor-parallel logits and tokens match Hugging Face" if ok else
-                  "FAIL: tensor-parallel generation does not match Hugging Face", flush=True)
-        return 0 if ok else 1
+        return run_and_agree(lambda: run(args, device, dist.group.WORLD), device,
+                             "PASS: tensor-parallel logits and tokens match Hugging Face",
+                             "FAIL: tensor-parallel generation does not match Hugging Face")
     finally:
         # Free what run() left in reference cycles while the group still exists: with gloo,
         # PyTorch can abort at exit when such objects outlive destroy_process_group().
         gc.collect()
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     sys.exit(main())
