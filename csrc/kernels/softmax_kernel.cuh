@@ -3,13 +3,13 @@
 //
 // A row of K keys is cut into 16-byte chunks of V = 16 / sizeof(T) elements. The G threads
 // that share a row (row_threads of one block, times the blocks of a cluster) take chunk
-// c * G + g in slot c. With CHUNKS > 0 every slot stays in registers: the row is read once
-// (max, sum, normalised write from registers). With CHUNKS == 0 (rows too long for the chip)
-// the row is read twice: an online max/sum pass, then the write pass.
+// c * G + g in slot c. With CHUNKS > 0 every slot's raw scores stay in registers: the row is
+// read once (online max / sum, then the normalised write from registers). With CHUNKS == 0
+// (rows too long for the chip) the row is read twice: the same online pass, then the write.
 //
 // The reduction order is fixed by (chunk slot, element, lane butterfly, warp order, cluster
 // rank order): it depends only on the row configuration, which depends only on K and the
-// dtype. Vector and scalar loads produce the same values, so neither alignment nor strides
+// dtype (and, for keeping float32 logits, on the flags). Vector and scalar loads produce the same values, so neither alignment nor strides
 // change the bits.
 #pragma once
 
@@ -287,22 +287,9 @@ __device__ __forceinline__ uint4 pack_chunk(const float (&y)[16 / sizeof(T)]) {
 }
 
 // ---- reductions with a fixed order -------------------------------------------------------
-// The xor butterfly leaves the same bits in every lane (float max and add are commutative).
+// The xor butterfly leaves the same bits in every lane (ms_combine is commutative).
 
-struct MaxOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-struct SumOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
-};
-
-template <typename Op>
-__device__ __forceinline__ float lane_reduce(float v, int width, Op op) {
-  for (int off = width >> 1; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off, width));
-  return v;
-}
-
-// Online softmax state (streaming path): running max m and sum s of exp(x - m).
+// Online softmax state: running max m and sum s of exp(x - m).
 struct MS {
   float m, s;
 };
@@ -332,29 +319,6 @@ struct SharedScratch {
 
 // Reduce over the G threads of a row: lanes (butterfly), warps of the block (in order),
 // blocks of the cluster (in rank order). Every thread gets the same bits.
-template <typename Op>
-__device__ __forceinline__ float row_reduce(float v, Op op, int row_threads, int cluster,
-                                            float (&warp_buf)[32], float& block_slot) {
-  const int width = row_threads < 32 ? row_threads : 32;
-  v = lane_reduce(v, width, op);
-  if (row_threads > 32) {
-    const int warp = threadIdx.x >> 5;
-    if ((threadIdx.x & 31) == 0) warp_buf[warp] = v;
-    __syncthreads();
-    const int nw = row_threads >> 5;
-    v = warp_buf[0];
-    for (int w = 1; w < nw; ++w) v = op(v, warp_buf[w]);
-  }
-  if (cluster > 1) {
-    cg::cluster_group cl = cg::this_cluster();
-    if (threadIdx.x == 0) block_slot = v;
-    cl.sync();
-    v = *cl.map_shared_rank(&block_slot, 0);
-    for (int c = 1; c < cluster; ++c) v = op(v, *cl.map_shared_rank(&block_slot, c));
-  }
-  return v;
-}
-
 __device__ __forceinline__ MS row_reduce_ms(MS v, int row_threads, int cluster, SharedScratch& sh,
                                             int parity) {
   const int width = row_threads < 32 ? row_threads : 32;
