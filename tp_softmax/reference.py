@@ -14,6 +14,12 @@ import torch
 __all__ = ["hidden_keys", "alibi_distance", "softmax_reference"]
 
 
+def _key_offsets(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """``[Q, K]`` ``j - p``: key j relative to query row i at absolute position ``p = i + K - Q``."""
+    pos = torch.arange(q_len, device=device).unsqueeze(1) + (k_len - q_len)
+    return torch.arange(k_len, device=device).unsqueeze(0) - pos
+
+
 def hidden_keys(q_len: int, k_len: int, causal: bool, window: Optional[int],
                 device: torch.device) -> Optional[torch.Tensor]:
     """``[Q, K]`` bool, True where causal / window masking hides key j from query row i.
@@ -23,9 +29,7 @@ def hidden_keys(q_len: int, k_len: int, causal: bool, window: Optional[int],
     """
     if not causal and window is None:
         return None
-    pos = torch.arange(q_len, device=device).unsqueeze(1) + (k_len - q_len)
-    key = torch.arange(k_len, device=device).unsqueeze(0)
-    rel = key - pos  # [Q, K]: j - p
+    rel = _key_offsets(q_len, k_len, device)
     if causal and window is not None:
         return (rel > 0) | (rel <= -window)
     if causal:
@@ -35,9 +39,7 @@ def hidden_keys(q_len: int, k_len: int, causal: bool, window: Optional[int],
 
 def alibi_distance(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """``[Q, K]`` float32 ``|i + K - Q - j|`` (FlashAttention's ALiBi distance)."""
-    pos = torch.arange(q_len, device=device).unsqueeze(1) + (k_len - q_len)
-    key = torch.arange(k_len, device=device).unsqueeze(0)
-    return (pos - key).abs().to(torch.float32)
+    return _key_offsets(q_len, k_len, device).abs().to(torch.float32)
 
 
 def softmax_reference(scores: torch.Tensor, *, layer_scale: float = 1.0,
