@@ -2,7 +2,7 @@
 # One call on a GPU machine: build the extension, run the GPU tests, compute-sanitizer on a
 # subset, the sharding check on every GPU, the benchmark; a short summary table last.
 #
-#   scripts/gpu_check.sh [STAGE ...]     stages: env test sanitize shard generate bench tp4 ds
+#   scripts/gpu_check.sh [STAGE ...]     stages: env sass test sanitize shard generate bench tp4 ds
 #                                        (default: all but ds; tp4 needs 4 GPUs)
 #   OUT=dir  where logs and bench output go (default: ./gpu_out)
 #   WHEELS=dir  extra wheels to install first (e.g. deepspeed and its small deps)
@@ -18,7 +18,7 @@ if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl &&
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-STAGES=${*:-env test sanitize shard generate tp4 bench}
+STAGES=${*:-env sass test sanitize shard generate tp4 bench}
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 declare -a SUMMARY
 note() { SUMMARY+=("$(printf '%-10s %-6s %s' "$1" "$2" "$3")"); }
@@ -29,6 +29,10 @@ if has env; then
   t0=$(date +%s)
   if python3 -m tp_softmax 2>&1 | tee "$OUT/env.txt"; then :; fi
   grep -q "fused CUDA kernel" "$OUT/env.txt" && note env ok "kernel built+loaded in $(( $(date +%s) - t0 )) s" || note env FAIL "kernel not usable (see env.txt)"
+fi
+if has sass; then
+  python3 scripts/sass_report.py "$TP_SOFTMAX_BUILD_DIR" 2>&1 | tee "$OUT/sass.txt"
+  rc=$?; note sass $([ $rc = 0 ] && echo ok || echo FAIL) "$(tail -1 "$OUT/sass.txt")"
 fi
 if has test; then
   python3 -m pytest -q -x tests/test_cuda_kernel.py -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/test_cuda.txt"

@@ -352,5 +352,36 @@ def test_streaming_path_and_cluster_path_reported():
     from tp_softmax import _kernel
 
     assert "two reads" in _kernel.row_config(600000, torch.float16)
-    assert "cluster 8" in _kernel.row_config(131072, torch.float32)
-    assert "one read" in _kernel.row_config(262144, torch.bfloat16)
+    assert "two reads" in _kernel.row_config(262144, torch.float32)
+    for K, dtype in ((131072, torch.float32), (262144, torch.bfloat16)):
+        text = _kernel.row_config(K, dtype)
+        assert "one read" in text and "cluster 16" in text, text
+    assert "cluster 1," in _kernel.row_config(16384, torch.float16)
+    assert "cluster 2," in _kernel.row_config(16392, torch.float16)
+
+
+# Many more tiles than resident blocks: every stage of the copy pipeline is reused many times
+# (mbarrier phases wrap), with rows per tile from 256 (K = 8) to one row slice per cluster block.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,B,H,Q", [(8, 64, 16, 256), (512, 16, 16, 256), (4096, 64, 32, 1), (2048, 2, 8, 2048),
+                                     (20000, 4, 8, 64), (65536, 8, 32, 1)])
+def test_many_tiles_per_block(K, B, H, Q, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(K + B)
+    H_total = H + 2
+    scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).mul_(4).to(dtype)
+    pad = torch.zeros(B, 1, 1, K, device="cuda", dtype=dtype)
+    for b in range(B):
+        pad[b, ..., : (b * K) // (2 * B)] = float("-inf")
+    alibi = torch.randn(B, H_total, K, device="cuda", generator=gen).to(dtype)
+    for kwargs in (dict(causal=True), dict(causal=True, mask=pad, alibi=alibi.view(B * H_total, 1, K), head_offset=2),
+                   dict(mask=pad, window=max(1, K // 3))):
+        out = poisoned_call(scores, **kwargs)
+        rows = torch.randperm(B * H * Q, device="cuda", generator=gen)[:512]
+        b, rest = rows // (H * Q), rows % (H * Q)
+        h, i = rest // Q, rest % Q
+        ref = oracle(scores, **kwargs)
+        got = out[b, h, i]
+        bound = 2 * ATOL[dtype] if dtype == torch.float32 else (1e-3 if dtype == torch.float16 else 8e-3)
+        err = (got.double() - ref[b, h, i]).abs().nan_to_num(nan=float("inf")).max().item()
+        assert err <= bound, f"{kwargs.keys()}: max error {err:.3e} > {bound:.3e}"
+        assert torch.isfinite(out).all()

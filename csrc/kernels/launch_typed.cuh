@@ -1,47 +1,126 @@
-// Launching the kernel for one scores dtype: the mask / bias kinds and the row configuration
-// become template parameters here (static_switch.h). Included by one .cu file per dtype so
-// that the instantiations compile in parallel.
+// Launching the kernels for one scores dtype: the mask / bias kinds and the alignment become
+// template parameters here (static_switch.h). Included by one .cu file per dtype so that the
+// instantiations compile in parallel.
 #pragma once
 
+#include <mutex>
+
 #include "softmax.h"
-#include "softmax_kernel.cuh"
+#include "staged_kernel.cuh"
 #include "static_switch.h"
+#include "streaming_kernel.cuh"
 
 namespace tp_softmax {
 namespace detail {
 
+// Blocks of `kernel` (in units of `cluster`) that are resident at once on the current device;
+// the function attributes are set on the first call per kernel, device and cluster size.
+inline cudaError_t resident_units(const void* kernel, int threads, int smem, int cluster, int64_t& units) {
+  struct Entry {
+    const void* kernel;
+    int device, cluster;
+    int64_t units;
+  };
+  static std::mutex mu;
+  static Entry cache[256];
+  static int used = 0;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(mu);
+  for (int i = 0; i < used; ++i)
+    if (cache[i].kernel == kernel && cache[i].device == dev && cache[i].cluster == cluster) {
+      units = cache[i].units;
+      return cudaSuccess;
+    }
+  if (smem > 0) {
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+    if (e != cudaSuccess) return e;
+  }
+  if (cluster > 8) {
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (e != cudaSuccess) return e;
+  }
+  int sms = 0;
+  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e != cudaSuccess) return e;
+  int n = 0;
+  if (cluster == 1) {
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem);
+    if (e != cudaSuccess) return e;
+    n *= sms;
+  } else {
+    cudaLaunchConfig_t lc = {};
+    lc.gridDim = dim3(static_cast<unsigned>(cluster * sms));
+    lc.blockDim = dim3(static_cast<unsigned>(threads));
+    lc.dynamicSmemBytes = static_cast<size_t>(smem);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    lc.attrs = attr;
+    lc.numAttrs = 1;
+    e = cudaOccupancyMaxActiveClusters(&n, kernel, &lc);
+    if (e != cudaSuccess) return e;
+  }
+  if (n < 1) n = 1;  // the launch then reports why it cannot run
+  units = n;
+  if (used < 256) cache[used++] = {kernel, dev, cluster, units};
+  return cudaSuccess;
+}
+
+template <typename... Args>
+cudaError_t launch_clustered(void (*kernel)(Args...), int64_t blocks, int threads, int smem, int cluster,
+                             cudaStream_t stream, Args... args) {
+  if (cluster == 1) {
+    kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(args...);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t lc = {};
+  lc.gridDim = dim3(static_cast<unsigned>(blocks));
+  lc.blockDim = dim3(static_cast<unsigned>(threads));
+  lc.dynamicSmemBytes = static_cast<size_t>(smem);
+  lc.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  lc.attrs = attr;
+  lc.numAttrs = 1;
+  return cudaLaunchKernelEx(&lc, kernel, args...);
+}
+
 template <typename T>
-cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool aligned, int64_t groups,
-                         cudaStream_t stream) {
+cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool aligned, cudaStream_t stream) {
+  const int64_t rows = p.B * p.H * p.Q;
   return MASK_KIND_SWITCH(p.mask_kind, MK, [&] {
     return BIAS_KIND_SWITCH(p.bias_kind, BK, [&] {
-      return CHUNKS_SWITCH(cfg.chunks, CH, [&] {
-        auto kernel = aligned ? attention_softmax_kernel<T, MK, BK, CH, true>
-                              : attention_softmax_kernel<T, MK, BK, CH, false>;
-        dim3 grid(static_cast<unsigned>(groups * cfg.cluster));
-        dim3 block(cfg.block_threads);
-        if (cfg.cluster == 1) {
-          kernel<<<grid, block, 0, stream>>>(p, cfg.row_threads, cfg.cluster);
-          return cudaGetLastError();
-        }
-        cudaLaunchConfig_t lc = {};
-        lc.gridDim = grid;
-        lc.blockDim = block;
-        lc.dynamicSmemBytes = 0;
-        lc.stream = stream;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = cfg.cluster;
-        attr[0].val.clusterDim.y = 1;
-        attr[0].val.clusterDim.z = 1;
-        lc.attrs = attr;
-        lc.numAttrs = 1;
+      if (cfg.chunks == 0) {
+        auto kernel = aligned ? streaming_softmax_kernel<T, MK, BK, true> : streaming_softmax_kernel<T, MK, BK, false>;
+        const int64_t max_groups = (int64_t{1} << 31) / cfg.cluster - 1;
+        const int64_t groups = rows < max_groups ? rows : max_groups;  // groups stride over the rows
         if (cfg.cluster > 8) {
           const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
           if (e != cudaSuccess) return e;
         }
-        return cudaLaunchKernelEx(&lc, kernel, p, cfg.row_threads, cfg.cluster);
-      });
+        return launch_clustered(kernel, groups * cfg.cluster, cfg.block_threads, 0, cfg.cluster, stream, p,
+                                cfg.cluster);
+      }
+      auto kernel = aligned ? staged_softmax_kernel<T, MK, BK, true> : staged_softmax_kernel<T, MK, BK, false>;
+      const int smem = aligned ? kStagedSmemBytes : 0;
+      const int64_t rows_per_tile = kStagedThreads / cfg.row_threads;
+      const int64_t ntiles = (rows + rows_per_tile - 1) / rows_per_tile;
+      int64_t units = 0;
+      const cudaError_t e =
+          resident_units(reinterpret_cast<const void*>(kernel), kStagedThreads, smem, cfg.cluster, units);
+      if (e != cudaSuccess) return e;
+      if (units > ntiles) units = ntiles;
+      return launch_clustered(kernel, units * cfg.cluster, kStagedThreads, smem, cfg.cluster, stream, p,
+                              cfg.row_threads, cfg.cluster, ntiles);
     });
   });
 }

@@ -44,9 +44,9 @@ struct SoftmaxParams {
 // How one row is computed. Depends only on K and the dtype (never on B, H, Q, flags or
 // pointers): the same row gives the same bits alone, in a batch, or sharded.
 struct RowConfig {
-  int chunks;          // 16-byte chunks per thread held in registers; 0 = streaming path
-  int row_threads;     // threads of one block working on a row (1 .. 1024, power of two)
-  int cluster;         // blocks of a thread-block cluster sharing a row (1, 2, 4, 8)
+  int chunks;          // 16-byte chunks of a row per thread (8: one read, staged); 0 = streaming path
+  int row_threads;     // threads of one block working on a row (1 .. 256, power of two)
+  int cluster;         // blocks of a thread-block cluster sharing a row (1 .. 16)
   int block_threads;   // threads per block
 };
 

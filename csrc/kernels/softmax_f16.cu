@@ -3,7 +3,6 @@
 
 namespace tp_softmax {
 namespace detail {
-template cudaError_t launch_typed<__half>(const SoftmaxParams&, const RowConfig&, bool, int64_t,
-                                       cudaStream_t);
+template cudaError_t launch_typed<__half>(const SoftmaxParams&, const RowConfig&, bool, cudaStream_t);
 }  // namespace detail
 }  // namespace tp_softmax

@@ -9,8 +9,7 @@
 namespace tp_softmax {
 namespace detail {
 template <typename T>
-cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool aligned, int64_t groups,
-                         cudaStream_t stream);
+cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool aligned, cudaStream_t stream);
 }  // namespace detail
 
 namespace {
@@ -39,31 +38,22 @@ bool rows_vectorisable(const void* ptr, const int64_t* stride, int vec, int elem
 }  // namespace
 
 RowConfig choose_row_config(int64_t K, DType dtype) {
+  constexpr int64_t kPerThread = 8;           // chunks of a row per thread and block
+  constexpr int64_t kBlock = 256;             // threads per block
+  constexpr int64_t kSlice = kPerThread * kBlock;  // chunks per block: 32 KiB
   const int64_t chunks = ceil_div(K, 16 / elem_size(dtype));  // 16-byte chunks of a row
-  // Short rows: 4 chunks per thread (64 bytes in flight), several rows per 128-thread block.
-  if (chunks <= 4) return {static_cast<int>(next_pow2(chunks)), 1, 1, 128};
-  if (chunks <= 4 * 32) return {4, static_cast<int>(next_pow2(ceil_div(chunks, 4))), 1, 128};
-  // A block per row, up to 256 threads with 4 chunks each, then up to 512 with 8.
-  if (chunks <= 4 * 256) {
-    const int rt = static_cast<int>(next_pow2(ceil_div(chunks, 4)));
-    return {4, rt, 1, rt};
-  }
-  if (chunks <= 8 * 512) {
-    const int rt = static_cast<int>(next_pow2(ceil_div(chunks, 8)));
-    return {8, rt, 1, rt};
-  }
-  // A cluster of blocks per row, reducing through distributed shared memory.
-  if (chunks <= 8 * 512 * 16) {
-    return {8, 512, static_cast<int>(next_pow2(ceil_div(chunks, 8 * 512))), 512};
-  }
+  // Rows up to 32 KiB: 256 / rt rows per block, rt threads per row.
+  if (chunks <= kSlice) return {8, static_cast<int>(next_pow2(ceil_div(chunks, kPerThread))), 1, 256};
+  // Up to 16 x 32 KiB: a cluster of blocks shares the row, one 32 KiB slice each.
+  if (chunks <= 16 * kSlice) return {8, 256, static_cast<int>(next_pow2(ceil_div(chunks, kSlice))), 256};
   return {0, 512, 8, 512};  // streaming: the row is read twice
 }
 
 const char* describe_row_config(int64_t K, DType dtype, char* buf, int len) {
   const RowConfig c = choose_row_config(K, dtype);
   if (c.chunks > 0)
-    snprintf(buf, len, "one read: %d chunk(s)/thread, %d thread(s)/row, cluster %d, %d threads/block",
-             c.chunks, c.row_threads, c.cluster, c.block_threads);
+    snprintf(buf, len, "one read (staged): %d thread(s)/row x %d chunk(s), cluster %d, %d threads/block",
+             c.row_threads, c.chunks, c.cluster, c.block_threads);
   else
     snprintf(buf, len, "two reads (streaming): %d threads/row, cluster %d", c.row_threads, c.cluster);
   return buf;
@@ -96,18 +86,13 @@ cudaError_t launch_attention_softmax(const SoftmaxParams& p, cudaStream_t stream
     aligned = aligned && rows_vectorisable(p.bias, p.bias_stride, vec, bes);
   }
 
-  const int rows_per_block = cfg.block_threads / cfg.row_threads;
-  int64_t groups = ceil_div(rows, rows_per_block);
-  const int64_t max_groups = (int64_t{1} << 31) / 8 - 1;
-  if (groups > max_groups) groups = max_groups;  // blocks stride over the remaining rows
-
   switch (p.dtype) {
     case DType::kFloat16:
-      return detail::launch_typed<__half>(kp, cfg, aligned, groups, stream);
+      return detail::launch_typed<__half>(kp, cfg, aligned, stream);
     case DType::kBFloat16:
-      return detail::launch_typed<__nv_bfloat16>(kp, cfg, aligned, groups, stream);
+      return detail::launch_typed<__nv_bfloat16>(kp, cfg, aligned, stream);
     case DType::kFloat32:
-      return detail::launch_typed<float>(kp, cfg, aligned, groups, stream);
+      return detail::launch_typed<float>(kp, cfg, aligned, stream);
   }
   return cudaErrorInvalidValue;
 }

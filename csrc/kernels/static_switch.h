@@ -35,15 +35,3 @@
       default: return cudaErrorInvalidValue;                                \
     }                                                                       \
   }()
-
-// Chunks (16 bytes of scores each) held per thread: 1, 2, 4, 8, or 0 for the streaming
-// (two-read) path.
-#define CHUNKS_SWITCH(VALUE, NAME, ...)                                     \
-  [&] {                                                                     \
-    if ((VALUE) == 1) { constexpr int NAME = 1; return __VA_ARGS__(); }     \
-    if ((VALUE) == 2) { constexpr int NAME = 2; return __VA_ARGS__(); }     \
-    if ((VALUE) == 4) { constexpr int NAME = 4; return __VA_ARGS__(); }     \
-    if ((VALUE) == 8) { constexpr int NAME = 8; return __VA_ARGS__(); }     \
-    if ((VALUE) == 0) { constexpr int NAME = 0; return __VA_ARGS__(); }     \
-    return cudaErrorInvalidValue;                                           \
-  }()

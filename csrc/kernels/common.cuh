@@ -1,0 +1,325 @@
+// Pieces shared by the kernels: element conversion, row geometry, forming a logit, the online
+// max / sum state and its fixed-order reductions. Knows nothing of torch.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "softmax.h"
+
+namespace tp_softmax {
+namespace detail {
+
+namespace cg = cooperative_groups;
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// 2^x with the special-function unit (relative error ~2^-22; 2^-inf = 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// Elements j0 .. j0 + N - 1 of a row read one by one (stride `step`); j >= K reads as 0.
+template <typename T, int N, typename Pos>
+__device__ __forceinline__ void load_strided(const T* row, int64_t step, Pos j0, Pos K, float (&dst)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    const Pos j = j0 + e;
+    dst[e] = j < K ? to_float(row[j * step]) : 0.0f;
+  }
+}
+
+template <typename T, int N, typename Pos>
+__device__ __forceinline__ void store_strided(T* row, int64_t step, Pos j0, Pos K, const float (&src)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    const Pos j = j0 + e;
+    if (j < K) row[j * step] = from_float<T>(src[e]);
+  }
+}
+
+// A mask or bias operand read one element at a time (a broadcast operand, stride 0, reads its
+// one element). Bool masks read as 1.0 / 0.0.
+template <typename T, int N, typename Pos>
+__device__ __forceinline__ void load_operand_strided(const T* row, int64_t step, Pos j0, Pos K, float (&dst)[N]) {
+  if (step == 0) {
+    const float v = to_float(row[0]);
+#pragma unroll
+    for (int e = 0; e < N; ++e) dst[e] = v;
+  } else {
+    load_strided<T, N, Pos>(row, step, j0, K, dst);
+  }
+}
+
+template <int N, typename Pos>
+__device__ __forceinline__ void load_bool_strided(const uint8_t* row, int64_t step, Pos j0, Pos K, float (&dst)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    const Pos j = j0 + e;
+    dst[e] = (step == 0 || j < K) && row[step == 0 ? 0 : j * step] != 0 ? 1.0f : 0.0f;
+  }
+}
+
+// n = q * d + r for 0 <= n < 2^63 and d >= 1, with magic = floor((2^64 - 1) / d): the
+// estimate __umul64hi(n, magic) is q or q - 1 (no 64-bit division routine in the kernel).
+__device__ __forceinline__ void divmod(int64_t n, int64_t d, uint64_t magic, int64_t& q, int64_t& r) {
+  uint64_t qq = __umul64hi(static_cast<uint64_t>(n), magic);
+  uint64_t rr = static_cast<uint64_t>(n) - qq * static_cast<uint64_t>(d);
+  if (rr >= static_cast<uint64_t>(d)) {
+    ++qq;
+    rr -= static_cast<uint64_t>(d);
+  }
+  q = static_cast<int64_t>(qq);
+  r = static_cast<int64_t>(rr);
+}
+
+// Where row `row` of the scores starts, and which keys it sees (lo <= j <= hi; none if lo > hi).
+template <typename Pos>
+struct RowSpan {
+  int64_t b, h, i;
+  Pos p, lo, hi;  // p: absolute position of the query
+
+  __device__ __forceinline__ RowSpan(const SoftmaxParams& P, int64_t row) {
+    divmod(row, P.Q, P.q_magic, b, i);  // b holds b * H + h for now
+    divmod(b, P.H, P.h_magic, b, h);
+    const Pos K = static_cast<Pos>(P.K);
+    p = static_cast<Pos>(i + P.K - P.Q);
+    hi = P.causal ? (p < K - 1 ? p : K - 1) : K - 1;
+    const Pos first = p - static_cast<Pos>(P.window) + 1;
+    lo = (P.window > 0 && first > 0) ? first : 0;
+  }
+};
+
+// One row: its span and where its operands start.
+template <typename T, MaskKind MK, BiasKind BK, typename Pos>
+struct Row : RowSpan<Pos> {
+  using MaskT = typename std::conditional<MK == MaskKind::kBool, uint8_t,
+                typename std::conditional<MK == MaskKind::kSame, T, float>::type>::type;
+  using BiasT = typename std::conditional<BK == BiasKind::kSame, T, float>::type;
+  static constexpr bool kMask = MK != MaskKind::kNone;
+  static constexpr bool kBias = BK == BiasKind::kSame || BK == BiasKind::kFloat32;
+  const T* in;
+  T* out;
+  const MaskT* mask;
+  const BiasT* bias;
+  float slope;
+
+  __device__ __forceinline__ Row(const SoftmaxParams& P, int64_t row) : RowSpan<Pos>(P, row) {
+    const int64_t b = this->b, h = this->h, i = this->i;
+    in = static_cast<const T*>(P.in) + (b * P.in_stride[0] + h * P.in_stride[1] + i * P.in_stride[2]);
+    out = static_cast<T*>(P.out) + (b * P.out_stride[0] + h * P.out_stride[1] + i * P.out_stride[2]);
+    mask = nullptr;
+    bias = nullptr;
+    slope = 0.0f;
+    if constexpr (kMask)
+      mask = static_cast<const MaskT*>(P.mask) +
+             (b * P.mask_stride[0] + h * P.mask_stride[1] + i * P.mask_stride[2]);
+    if constexpr (kBias)
+      bias = static_cast<const BiasT*>(P.bias) +
+             (b * P.bias_stride[0] + h * P.bias_stride[1] + i * P.bias_stride[2]);
+    if constexpr (BK == BiasKind::kSlopes) slope = P.slopes[b * P.slopes_stride[0] + h * P.slopes_stride[1]];
+  }
+
+  __device__ __forceinline__ bool visible(Pos j0, int n) const { return j0 <= this->hi && j0 + n - 1 >= this->lo; }
+};
+
+// The logit of a key before hiding: every path forms it with this one sequence of correctly
+// rounded float32 operations (no contraction), so the values do not depend on how the inputs
+// were read. `m`: the additive mask value, or for a bool mask 1.0 (attend) / 0.0.
+template <MaskKind MK, BiasKind BK, typename Pos>
+__device__ __forceinline__ float form_value(float s, float scale, float b, float m, float slope, Pos p, Pos j) {
+  float v = __fmul_rn(s, scale);
+  if constexpr (BK == BiasKind::kSame || BK == BiasKind::kFloat32) {
+    v = __fadd_rn(v, b);
+  } else if constexpr (BK == BiasKind::kSlopes) {
+    const Pos d = p - j;
+    v = __fmaf_rn(-slope, static_cast<float>(d < 0 ? -d : d), v);
+  }
+  if constexpr (MK == MaskKind::kBool) {
+    v = m != 0.0f ? v : neg_inf();
+  } else if constexpr (MK != MaskKind::kNone) {
+    v = __fadd_rn(v, m);
+  }
+  return v;
+}
+
+// Causal / window hiding for a chunk that straddles lo or hi (chunks fully inside skip it).
+template <int V, typename Pos>
+__device__ __forceinline__ void hide_outside(float (&x)[V], Pos j0, Pos lo, Pos hi) {
+  if (j0 < lo || j0 + V - 1 > hi) {
+#pragma unroll
+    for (int e = 0; e < V; ++e)
+      if (j0 + e < lo || j0 + e > hi) x[e] = neg_inf();
+  }
+}
+
+// x for the V keys of chunk j0 read element by element with strides (hidden keys -inf).
+template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
+__device__ __forceinline__ void chunk_logits_strided(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
+                                                     float (&x)[V]) {
+  using R = Row<T, MK, BK, Pos>;
+  const Pos K = static_cast<Pos>(P.K);
+  float s[V], b[V], m[V];
+  load_strided<T, V, Pos>(r.in, P.in_stride[3], j0, K, s);
+  if constexpr (R::kBias) load_operand_strided<typename R::BiasT, V, Pos>(r.bias, P.bias_stride[3], j0, K, b);
+  if constexpr (MK == MaskKind::kBool) {
+    load_bool_strided<V, Pos>(r.mask, P.mask_stride[3], j0, K, m);
+  } else if constexpr (R::kMask) {
+    load_operand_strided<typename R::MaskT, V, Pos>(r.mask, P.mask_stride[3], j0, K, m);
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e)
+    x[e] = form_value<MK, BK, Pos>(s[e], P.layer_scale, R::kBias ? b[e] : 0.0f, R::kMask ? m[e] : 0.0f, r.slope,
+                                   r.p, j0 + e);
+  hide_outside<V, Pos>(x, j0, r.lo, r.hi);
+}
+
+template <typename OT>
+__device__ __forceinline__ float op_value(OT v) {
+  if constexpr (std::is_same<OT, uint8_t>::value) {
+    return v != 0 ? 1.0f : 0.0f;
+  } else {
+    return to_float(v);
+  }
+}
+
+// x for the V keys of chunk j0 from the scores `sv` already read, with 16-byte (bool: V-byte)
+// operand reads; an operand broadcast along K (mask_k / bias_k false) gives its row value.
+template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
+__device__ __forceinline__ void chunk_logits_vec(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
+                                                 const float (&sv)[V], bool mask_k, float mask0, bool bias_k,
+                                                 float bias0, float (&x)[V]) {
+  using R = Row<T, MK, BK, Pos>;
+  Vec<typename R::MaskT, V> m;
+  Vec<typename R::BiasT, V> b;
+  if constexpr (R::kMask) {
+    if (mask_k) m = *reinterpret_cast<const Vec<typename R::MaskT, V>*>(r.mask + j0);
+  }
+  if constexpr (R::kBias) {
+    if (bias_k) b = *reinterpret_cast<const Vec<typename R::BiasT, V>*>(r.bias + j0);
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const float bb = R::kBias ? (bias_k ? op_value(b.v[e]) : bias0) : 0.0f;
+    const float mm = R::kMask ? (mask_k ? op_value(m.v[e]) : mask0) : 0.0f;
+    x[e] = form_value<MK, BK, Pos>(sv[e], P.layer_scale, bb, mm, r.slope, r.p, j0 + e);
+  }
+  hide_outside<V, Pos>(x, j0, r.lo, r.hi);
+}
+
+// 16 bytes read once / written once: evict-first in the caches.
+__device__ __forceinline__ uint4 load_streaming(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void store_streaming(void* p, uint4 v) {
+  asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack_chunk(const float (&y)[16 / sizeof(T)]) {
+  union {
+    uint4 u;
+    Vec<T, 16 / sizeof(T)> v;
+  } o;
+#pragma unroll
+  for (int e = 0; e < 16 / static_cast<int>(sizeof(T)); ++e) o.v.v[e] = from_float<T>(y[e]);
+  return o.u;
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack_chunk(uint4 u, float (&x)[16 / sizeof(T)]) {
+  union {
+    uint4 u;
+    Vec<T, 16 / sizeof(T)> v;
+  } o;
+  o.u = u;
+#pragma unroll
+  for (int e = 0; e < 16 / static_cast<int>(sizeof(T)); ++e) x[e] = to_float(o.v.v[e]);
+}
+
+// ---- the online max / sum and its reductions in a fixed order -----------------------------
+// The xor butterfly leaves the same bits in every lane (ms_combine is commutative).
+
+// Running max m and sum s of exp(x - m).
+struct MS {
+  float m, s;
+};
+
+__device__ __forceinline__ MS ms_combine(MS a, MS b) {
+  const float m = fmaxf(a.m, b.m);
+  const float ms = m == neg_inf() ? 0.0f : m;
+  return {m, a.s * fast_exp2((a.m - ms) * kLog2e) + b.s * fast_exp2((b.m - ms) * kLog2e)};
+}
+
+// Adds the V logits of one chunk to the running state (fmaxf ignores NaN; the sum does not).
+template <int V>
+__device__ __forceinline__ void ms_add_chunk(MS& st, const float (&x)[V]) {
+  float cm = x[0];
+#pragma unroll
+  for (int e = 1; e < V; ++e) cm = fmaxf(cm, x[e]);
+  if (cm > st.m) {
+    st.s *= fast_exp2((st.m - cm) * kLog2e);
+    st.m = cm;
+  }
+  const float shift = (st.m == neg_inf() ? 0.0f : st.m) * kLog2e;
+#pragma unroll
+  for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(x[e], kLog2e, -shift));
+}
+
+__device__ __forceinline__ MS lane_reduce_ms(MS v, int width) {
+  for (int off = width >> 1; off > 0; off >>= 1) {
+    MS o{__shfl_xor_sync(0xffffffffu, v.m, off, width), __shfl_xor_sync(0xffffffffu, v.s, off, width)};
+    v = ms_combine(v, o);
+  }
+  return v;
+}
+
+// The normalised outputs of one row from its reduced state: y = exp(x - max) / sum; a row with no
+// visible key gives zeros (and a NaN row NaN).
+struct Normaliser {
+  float shift, inv, hidden;
+  __device__ __forceinline__ explicit Normaliser(MS tot) {
+    shift = (tot.m == neg_inf() ? 0.0f : tot.m) * kLog2e;
+    inv = tot.s == 0.0f ? 0.0f : 1.0f / tot.s;  // NaN stays NaN
+    hidden = 0.0f * inv;                         // 0, or NaN for a NaN row
+  }
+  __device__ __forceinline__ float operator()(float x) const { return fast_exp2(fmaf(x, kLog2e, -shift)) * inv; }
+};
+
+}  // namespace detail
+}  // namespace tp_softmax

@@ -1,0 +1,365 @@
+// The one-read kernel: rows staged in shared memory by the bulk copy engine.
+//
+// A persistent grid of 256-thread blocks (two per SM) walks over tiles of rows. A tile is
+// 32 KiB of scores: R = 256 / rt rows of rt * 8 sixteen-byte chunks each (rt threads per row,
+// a power of two up to 256), or, for rows longer than 32 KiB, one 32 KiB slice of a row for
+// each block of a thread-block cluster of up to 16 blocks. Warp 0 copies the visible part of
+// each row of a tile into one of three shared-memory stages with `cp.async.bulk`, completing on
+// the stage's mbarrier, so three tiles are in flight while a tile is computed. Thread `lane` of
+// a row takes chunks c * rt + lane (c < 8) of its slice: it forms their logits once (kept in
+// registers when the row has at most one mask / bias tensor), reduces an online max / sum, and
+// writes the outputs with 16-byte stores; hidden chunks (causal, window) are never read and are
+// written as zeros.
+//
+// The reduction order is fixed by (chunk slot, element, lane butterfly, warp order, cluster rank
+// order), which depends only on rt and the cluster size, so only on K and the dtype. Rows that
+// cannot be read with 16-byte vectors (unaligned, strided) take the same kernel with ALIGNED =
+// false: each thread reads its own chunks element by element, and the logits, hence the bits,
+// are the same.
+#pragma once
+
+#include "common.cuh"
+
+namespace tp_softmax {
+namespace detail {
+
+constexpr int kStagedThreads = 256;
+constexpr int kChunksPerThread = 8;
+constexpr int kTileChunks = kStagedThreads * kChunksPerThread;  // 2048 chunks: 32 KiB
+constexpr int kTileBytes = kTileChunks * 16;
+constexpr int kStages = 3;
+constexpr int kStagedSmemBytes = kStages * kTileBytes;          // dynamic shared memory (aligned path)
+constexpr int kMaxStagedCluster = 16;
+
+struct StagedScratch {
+  unsigned long long full[kStages];  // one mbarrier per stage
+  float warp_max[2][kStagedThreads / 32];
+  float warp_sum[2][kStagedThreads / 32];
+  float block_max[2];
+  float block_sum[2];
+};
+
+// ---- PTX: mbarrier and bulk copies -------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_fence_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+
+// Global -> shared, `bytes` a multiple of 16, both addresses 16-byte aligned.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
+                                          uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+          dst),
+      "l"(src), "r"(bytes), "r"(bar), "l"(policy)
+      : "memory");
+}
+
+__device__ __forceinline__ uint4 lds128(const uint8_t* p) { return *reinterpret_cast<const uint4*>(p); }
+
+// A tile's geometry, the same for the producer (warp 0) and every thread.
+struct TileShape {
+  int rt;       // threads of a block per row
+  int rows;     // rows per tile (kStagedThreads / rt)
+  int slot;     // chunks of a row slot in a stage (rt * kChunksPerThread)
+  int slice0;   // first chunk of this block's slice of a row (cluster rank * slot)
+  int nchunks;  // chunks of a row
+};
+
+// The chunks [c0, c1) of `row` that are visible and in this block's slice; false if none.
+__device__ __forceinline__ bool slice_chunks(const RowSpan<int>& sp, const TileShape& ts, int V, int& c0, int& c1) {
+  if (sp.lo > sp.hi) return false;
+  const int lo_c = sp.lo / V, hi_c = sp.hi / V + 1;
+  const int end = ts.slice0 + ts.slot < ts.nchunks ? ts.slice0 + ts.slot : ts.nchunks;
+  c0 = lo_c > ts.slice0 ? lo_c : ts.slice0;
+  c1 = hi_c < end ? hi_c : end;
+  return c0 < c1;
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* begin, const void* end) {
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(begin) + 15) & ~uintptr_t{15};
+  const uintptr_t hi = reinterpret_cast<uintptr_t>(end) & ~uintptr_t{15};
+  if (hi > lo)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lo), "r"(static_cast<uint32_t>(hi - lo))
+                 : "memory");
+}
+
+// Warp 0: copy the visible chunks of tile `t` into the stage at `stage` (completing on `bar`), and
+// prefetch into L2 the parts of the mask / bias rows the tile will read. An operand row shared by
+// consecutive rows (broadcast over queries) is prefetched once, for its first row in the tile.
+template <typename T, MaskKind MK, BiasKind BK>
+__device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileShape& ts, int64_t t, int64_t rows,
+                                           uint8_t* stage, uint32_t bar) {
+  constexpr int V = 16 / sizeof(T);
+  using R = Row<T, MK, BK, int>;
+  const uint64_t policy = evict_first_policy();
+  const int lane = threadIdx.x & 31;
+  uint32_t bytes = 0;
+  for (int rr = lane; rr < ts.rows; rr += 32) {
+    const int64_t row = t * ts.rows + rr;
+    if (row >= rows) break;
+    int c0, c1;
+    if (slice_chunks(RowSpan<int>(P, row), ts, V, c0, c1)) bytes += static_cast<uint32_t>(c1 - c0) * 16u;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) bytes += __shfl_xor_sync(0xffffffffu, bytes, off);
+  if (lane == 0) mbar_arrive_expect_tx(bar, bytes);
+  __syncwarp();
+  for (int rr = lane; rr < ts.rows; rr += 32) {
+    const int64_t row = t * ts.rows + rr;
+    if (row >= rows) break;
+    const R r(P, row);
+    int c0, c1;
+    if (!slice_chunks(r, ts, V, c0, c1)) continue;
+    const uint32_t dst = smem_u32(stage + (static_cast<size_t>(rr) * ts.slot + (c0 - ts.slice0)) * 16);
+    bulk_copy(dst, r.in + static_cast<int64_t>(c0) * V, static_cast<uint32_t>(c1 - c0) * 16u, bar, policy);
+    // The slice's whole operand range for the first row of a run, else only this row's.
+    const bool first = rr == 0 || r.i == 0;
+    const int end = ts.slice0 + ts.slot < ts.nchunks ? ts.slice0 + ts.slot : ts.nchunks;
+    if constexpr (R::kMask) {
+      if (P.mask_stride[3] != 0 && (P.mask_stride[2] != 0 || first)) {
+        const int a = P.mask_stride[2] != 0 ? c0 : ts.slice0, b = P.mask_stride[2] != 0 ? c1 : end;
+        prefetch_l2(r.mask + static_cast<int64_t>(a) * V, r.mask + static_cast<int64_t>(b) * V);
+      }
+    }
+    if constexpr (R::kBias) {
+      if (P.bias_stride[3] != 0 && (P.bias_stride[2] != 0 || first)) {
+        const int a = P.bias_stride[2] != 0 ? c0 : ts.slice0, b = P.bias_stride[2] != 0 ? c1 : end;
+        prefetch_l2(r.bias + static_cast<int64_t>(a) * V, r.bias + static_cast<int64_t>(b) * V);
+      }
+    }
+  }
+}
+
+// ---- the kernel ----------------------------------------------------------------------------------
+// Grid: units of `cluster` blocks; unit u takes tiles u, u + units, ... (`ntiles` in all).
+template <typename T, MaskKind MK, BiasKind BK, bool ALIGNED>
+__global__ void __launch_bounds__(kStagedThreads, 2)
+staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles) {
+  constexpr int V = 16 / sizeof(T);
+  constexpr int C = kChunksPerThread;
+  using R = Row<T, MK, BK, int>;
+  using MaskT = typename R::MaskT;
+  using BiasT = typename R::BiasT;
+  constexpr bool kMask = R::kMask;
+  constexpr bool kBias = R::kBias;
+  // With at most one mask / bias tensor the logits stay in registers between the reduction and
+  // the write, and the stage is released as soon as it is read; with two, the write forms them
+  // again from the staged scores and the operands, and the stage is released after the write.
+  constexpr bool kKeep = static_cast<int>(kMask) + static_cast<int>(kBias) <= 1;
+
+  extern __shared__ __align__(128) uint8_t stage_mem[];
+  __shared__ StagedScratch sh;
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  TileShape ts;
+  ts.rt = rt;
+  ts.rows = kStagedThreads / rt;
+  ts.slot = rt * C;
+  ts.slice0 = (cluster > 1 ? static_cast<int>(cg::this_cluster().block_rank()) : 0) * ts.slot;
+  ts.nchunks = static_cast<int>((P.K + V - 1) / V);
+  const int lane = tid & (rt - 1);
+  const int row_in_tile = tid / rt;
+  const int64_t rows = P.B * P.H * P.Q;
+  const int64_t unit = blockIdx.x / cluster;
+  const int64_t nunits = gridDim.x / cluster;
+
+  if constexpr (ALIGNED) {
+    if (tid == 0) {
+      for (int s = 0; s < kStages; ++s) mbar_init(smem_u32(&sh.full[s]), 1);
+      mbar_fence_init();
+    }
+    __syncthreads();
+    if (warp == 0) {
+      for (int s = 0; s < kStages; ++s) {
+        const int64_t t = unit + s * nunits;
+        if (t < ntiles) issue_tile<T, MK, BK>(P, ts, t, rows, stage_mem + s * kTileBytes, smem_u32(&sh.full[s]));
+      }
+    }
+  }
+
+  int k = 0;
+  for (int64_t t = unit; t < ntiles; t += nunits, ++k) {
+    const int s = k % kStages;
+    const int64_t row = t * ts.rows + row_in_tile;
+    const bool active = row < rows;
+    const R r(P, active ? row : 0);
+    const uint8_t* my_slot = stage_mem + s * kTileBytes + static_cast<size_t>(row_in_tile) * ts.slot * 16;
+
+    bool vis[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int ch = ts.slice0 + c * rt + lane;
+      vis[c] = active && ch < ts.nchunks && r.visible(ch * V, V);
+    }
+
+    // Row values of operands broadcast along K. Chunks of operands along K are read where used:
+    // cache hits, since warp 0 prefetched them into L2 with the scores (and neighbouring rows
+    // usually share them).
+    const bool mask_k = kMask && P.mask_stride[3] != 0;
+    const bool bias_k = kBias && P.bias_stride[3] != 0;
+    float mask0 = 0.0f, bias0 = 0.0f;
+    if constexpr (kMask) {
+      if (active && !mask_k) mask0 = op_value(r.mask[0]);
+    }
+    if constexpr (kBias) {
+      if (active && !bias_k) bias0 = op_value(r.bias[0]);
+    }
+
+    // x of chunk slot c (visible chunks only).
+    auto logits = [&](int c, float (&x)[V]) {
+      const int j0 = (ts.slice0 + c * rt + lane) * V;
+      if constexpr (ALIGNED) {
+        float sv[V];
+        unpack_chunk<T>(lds128(my_slot + static_cast<size_t>(c * rt + lane) * 16), sv);
+        chunk_logits_vec<T, MK, BK, V, int>(P, r, j0, sv, mask_k, mask0, bias_k, bias0, x);
+      } else {
+        chunk_logits_strided<T, MK, BK, V, int>(P, r, j0, x);
+      }
+    };
+
+    if constexpr (ALIGNED) mbar_wait(smem_u32(&sh.full[s]), static_cast<uint32_t>((k / kStages) & 1));
+
+    // The thread's partial: with kept logits, its max over all its chunks, then e = exp(x - max)
+    // in place and their sum; otherwise an online max / sum chunk by chunk.
+    float kept[kKeep ? C : 1][V];
+    MS st{neg_inf(), 0.0f};
+    if constexpr (kKeep) {
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        if (!vis[c]) continue;
+        logits(c, kept[c]);
+#pragma unroll
+        for (int e = 0; e < V; ++e) st.m = fmaxf(st.m, kept[c][e]);
+      }
+      const float shift = (st.m == neg_inf() ? 0.0f : st.m) * kLog2e;
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        if (!vis[c]) continue;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          kept[c][e] = fast_exp2(fmaf(kept[c][e], kLog2e, -shift));
+          st.s += kept[c][e];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        if (!vis[c]) continue;
+        float x[V];
+        logits(c, x);
+        ms_add_chunk<V>(st, x);
+      }
+    }
+    const float local_max = st.m;
+
+    // Reduce: lanes, then the warps of the row (rt > 32), then the blocks of the cluster.
+    st = lane_reduce_ms(st, rt < 32 ? rt : 32);
+    const bool block_rows = rt > 32;
+    const int par = k & 1;
+    if (block_rows && (tid & 31) == 0) {
+      sh.warp_max[par][warp] = st.m;
+      sh.warp_sum[par][warp] = st.s;
+    }
+    if (block_rows || (ALIGNED && kKeep)) __syncthreads();
+    if constexpr (ALIGNED && kKeep) {
+      // Every thread is done with stage s: refill it.
+      const int64_t t2 = t + kStages * nunits;
+      if (warp == 0 && t2 < ntiles)
+        issue_tile<T, MK, BK>(P, ts, t2, rows, stage_mem + s * kTileBytes, smem_u32(&sh.full[s]));
+    }
+    if (block_rows) {
+      const int w0 = row_in_tile * (rt >> 5);
+      st = {sh.warp_max[par][w0], sh.warp_sum[par][w0]};
+      for (int w = 1; w < (rt >> 5); ++w) st = ms_combine(st, {sh.warp_max[par][w0 + w], sh.warp_sum[par][w0 + w]});
+    }
+    if (cluster > 1) {
+      cg::cluster_group cl = cg::this_cluster();
+      if (tid == 0) {
+        sh.block_max[par] = st.m;
+        sh.block_sum[par] = st.s;
+      }
+      cl.sync();
+      // Lane q reads rank q's partial (all reads in flight at once); every warp combines them in
+      // rank order, so every thread gets the same bits.
+      const int l = tid & 31;
+      MS q_part{neg_inf(), 0.0f};
+      if (l < cluster)
+        q_part = {*cl.map_shared_rank(&sh.block_max[par], l), *cl.map_shared_rank(&sh.block_sum[par], l)};
+      st = {__shfl_sync(0xffffffffu, q_part.m, 0), __shfl_sync(0xffffffffu, q_part.s, 0)};
+      for (int q = 1; q < cluster; ++q)
+        st = ms_combine(st, {__shfl_sync(0xffffffffu, q_part.m, q), __shfl_sync(0xffffffffu, q_part.s, q)});
+    }
+
+    // Write: every chunk of the slice, zeros where hidden.
+    const Normaliser norm(st);
+    // Kept e = exp(x - local_max): out = e * exp(local_max - max) / sum.
+    const float factor =
+        fast_exp2((local_max - (st.m == neg_inf() ? 0.0f : st.m)) * kLog2e) * norm.inv;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int ch = ts.slice0 + c * rt + lane;
+      if (!active || ch >= ts.nchunks) continue;
+      float y[V];
+      if (vis[c]) {
+        if constexpr (kKeep) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) y[e] = kept[c][e] * factor;
+        } else {
+          logits(c, y);
+#pragma unroll
+          for (int e = 0; e < V; ++e) y[e] = norm(y[e]);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) y[e] = norm.hidden;
+      }
+      if constexpr (ALIGNED) {
+        store_streaming(r.out + ch * V, pack_chunk<T>(y));
+      } else {
+        store_strided<T, V, int>(r.out, P.out_stride[3], ch * V, static_cast<int>(P.K), y);
+      }
+    }
+    if constexpr (ALIGNED && !kKeep) {
+      __syncthreads();
+      const int64_t t2 = t + kStages * nunits;
+      if (warp == 0 && t2 < ntiles)
+        issue_tile<T, MK, BK>(P, ts, t2, rows, stage_mem + s * kTileBytes, smem_u32(&sh.full[s]));
+    }
+  }
+  // No block of a cluster may exit while another can still read its shared memory.
+  if (cluster > 1) cg::this_cluster().sync();
+}
+
+}  // namespace detail
+}  // namespace tp_softmax
