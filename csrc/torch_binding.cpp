@@ -120,10 +120,10 @@ void attention_softmax_(const at::Tensor& scores, const std::optional<at::Tensor
   run(scores, scores, mask, bias, slopes, layer_scale, causal, window);
 }
 
-std::string row_config(int64_t K, at::ScalarType dtype) {
+std::string row_config(int64_t K, at::ScalarType dtype, bool two_operands) {
   char buf[160];
   const DType dt = dtype == at::kFloat ? DType::kFloat32 : dtype == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-  return tp_softmax::describe_row_config(K, dt, buf, sizeof(buf));
+  return tp_softmax::describe_row_config(K, dt, two_operands, buf, sizeof(buf));
 }
 
 }  // namespace
@@ -133,7 +133,7 @@ TORCH_LIBRARY(tp_softmax, m) {
         "bool causal, int window) -> Tensor");
   m.def("attention_softmax_(Tensor(a!) scores, Tensor? mask, Tensor? bias, Tensor? slopes, float layer_scale, "
         "bool causal, int window) -> ()");
-  m.def("row_config(int K, ScalarType dtype) -> str", &row_config);
+  m.def("row_config(int K, ScalarType dtype, bool two_operands=False) -> str", &row_config);
 }
 
 TORCH_LIBRARY_IMPL(tp_softmax, CUDA, m) {

@@ -224,7 +224,8 @@ def tp_path(problem: bl.Problem) -> str:
         return "torch: " + "; ".join(reasons)
     try:
         scores = st["scores"]
-        return f"kernel ({_kernel.row_config(scores.size(-1), scores.dtype)})"
+        two = st["mask"] is not None and st["alibi"] is not None
+        return f"kernel ({_kernel.row_config(scores.size(-1), scores.dtype, two_operands=two)})"
     except Exception:  # noqa: BLE001 - the variant is a detail; the path is known
         return "kernel"
 

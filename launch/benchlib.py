@@ -721,6 +721,16 @@ try:
 except Exception as exc:
     print(f"DS-BENCH-FAIL: cannot import deepspeed: {type(exc).__name__}: {exc}", flush=True)
     sys.exit(2)
+import os, re, torch
+# DeepSpeed 0.19.8 parses TORCH_CUDA_ARCH_LIST entries as MAJOR.MINOR[+PTX] only (an entry
+# such as 9.0a fails with "invalid literal for int()"): give it the GPUs' own capabilities.
+arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+entries = [e.strip() for e in arch.replace(" ", ";").split(";") if e.strip()]
+if any(not re.fullmatch(r"\d+\.\d+(\+PTX)?", e) for e in entries):
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in caps)
+    print(f"DS-BENCH-NOTE: TORCH_CUDA_ARCH_LIST {arch!r} -> {os.environ['TORCH_CUDA_ARCH_LIST']!r} for DeepSpeed",
+          flush=True)
 builder = InferenceBuilder()
 if not builder.is_compatible(verbose=True):
     print("DS-BENCH-FAIL: InferenceBuilder is not compatible with this machine", flush=True)

@@ -2,7 +2,7 @@
 # One call on a GPU machine: build the extension, run the GPU tests, compute-sanitizer on a
 # subset, the sharding check on every GPU, the benchmark; a short summary table last.
 #
-#   scripts/gpu_check.sh [STAGE ...]     stages: env sass test sanitize shard generate bench tp4 ds
+#   scripts/gpu_check.sh [STAGE ...]     stages: env sass test sanitize shard generate bench tp4 ds ncu
 #                                        (default: all but ds; tp4 needs 4 GPUs)
 #   OUT=dir  where logs and bench output go (default: ./gpu_out)
 #   WHEELS=dir  extra wheels to install first (e.g. deepspeed and its small deps)
@@ -68,6 +68,22 @@ fi
 if has tp4 && [ "$NGPU" -ge 4 ]; then
   torchrun --standalone --nproc-per-node 4 launch/bench.py --only bloom176b-tp4 --out "$OUT/bench_tp4" 2>&1 | tee "$OUT/bench_tp4.txt"
   rc=$?; note bench-tp4 $([ $rc = 0 ] && echo ok || echo FAIL) "$(grep -i scaling "$OUT/bench_tp4.txt" | tail -1)"
+fi
+if has ncu; then
+  # Achieved DRAM bandwidth, occupancy and grid of the kernel on cases short of their targets.
+  : > "$OUT/ncu.txt"
+  while read -r name args; do
+    echo "=== $name: $args" >> "$OUT/ncu.txt"
+    TP_SOFTMAX_LAUNCH_INFO=1 ncu --clock-control none --kernel-name regex:softmax_kernel --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
+      python3 scripts/profile_case.py $args >> "$OUT/ncu.txt" 2>&1
+  done <<'CASES'
+bert 32 16 16 512 512 fp16 pad
+bloom 1 56 112 2048 2048 fp16 causal alibi pad
+decode-b8-k64k 8 32 32 1 65536 bf16
+long-32k 1 2 2 32768 32768 bf16 causal
+CASES
+  note ncu ok "$(grep -c 'DRAM Throughput' "$OUT/ncu.txt") profiles (ncu.txt)"
 fi
 if has bench; then
   python3 launch/bench.py --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"

@@ -1,7 +1,9 @@
 """Run one attention_softmax problem a few times, for `ncu` (achieved bandwidth, occupancy, stalls).
 
-    ncu --clock-control none --kernel-name regex:attention_softmax_kernel --launch-skip 2 \\
+    ncu --clock-control none --kernel-name regex:softmax_kernel --launch-skip 2 \\
         --launch-count 1 python scripts/profile_case.py B H_LOCAL H_TOTAL Q K DTYPE [causal] [alibi] [pad]
+
+(`scripts/gpu_check.sh ncu` profiles the cases that miss their targets.)
 """
 
 import sys

@@ -358,6 +358,9 @@ def test_streaming_path_and_cluster_path_reported():
         assert "one read" in text and "cluster 16" in text, text
     assert "cluster 1," in _kernel.row_config(16384, torch.float16)
     assert "cluster 2," in _kernel.row_config(16392, torch.float16)
+    # a mask and an alibi tensor: 4 chunks per thread, so half as many keys per block
+    assert "x 4 chunk" in _kernel.row_config(8192, torch.float16, two_operands=True)
+    assert "cluster 2," in _kernel.row_config(16384, torch.float16, two_operands=True)
 
 
 # Many more tiles than resident blocks: every stage of the copy pipeline is reused many times

@@ -73,8 +73,9 @@ def run(p: Prepared) -> torch.Tensor:
     return torch.ops.tp_softmax.attention_softmax(p.scores, mask, bias, p.slopes, p.layer_scale, p.causal, window)
 
 
-def row_config(k_len: int, dtype: torch.dtype) -> str:
-    """How the kernel computes a row of ``k_len`` keys in ``dtype`` (one read or two)."""
+def row_config(k_len: int, dtype: torch.dtype, two_operands: bool = False) -> str:
+    """How the kernel computes a row of ``k_len`` keys in ``dtype`` (one read or two);
+    ``two_operands``: the call reads both a mask and an alibi tensor (4 chunks per thread, not 8)."""
     if not _load():
         return f"unavailable: {_build.load_error()}"
-    return torch.ops.tp_softmax.row_config(k_len, dtype)
+    return torch.ops.tp_softmax.row_config(k_len, dtype, two_operands)

@@ -3,6 +3,8 @@
 // instantiations compile in parallel.
 #pragma once
 
+#include <cstdio>
+#include <cstdlib>
 #include <mutex>
 
 #include "softmax.h"
@@ -68,6 +70,9 @@ inline cudaError_t resident_units(const void* kernel, int threads, int smem, int
   }
   if (n < 1) n = 1;  // the launch then reports why it cannot run
   units = n;
+  if (std::getenv("TP_SOFTMAX_LAUNCH_INFO") != nullptr)
+    std::fprintf(stderr, "tp_softmax launch: device %d, %d SMs, cluster %d, %d threads, %d B dynamic smem: %lld units resident\n",
+                 dev, sms, cluster, threads, smem, static_cast<long long>(units));
   if (used < 256) cache[used++] = {kernel, dev, cluster, units};
   return cudaSuccess;
 }
@@ -110,7 +115,11 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
         return launch_clustered(kernel, groups * cfg.cluster, cfg.block_threads, 0, cfg.cluster, stream, p,
                                 cfg.cluster);
       }
-      auto kernel = aligned ? staged_softmax_kernel<T, MK, BK, true> : staged_softmax_kernel<T, MK, BK, false>;
+      // Rows that read both a mask and a bias tensor: 4 chunks per thread (choose_row_config).
+      constexpr bool kTwo = MK != MaskKind::kNone && (BK == BiasKind::kSame || BK == BiasKind::kFloat32);
+      constexpr int C = kTwo ? 4 : 8;
+      if (cfg.chunks != C) return cudaErrorInvalidValue;
+      auto kernel = aligned ? staged_softmax_kernel<T, MK, BK, C, true> : staged_softmax_kernel<T, MK, BK, C, false>;
       const int smem = aligned ? kStagedSmemBytes : 0;
       const int64_t rows_per_tile = kStagedThreads / cfg.row_threads;
       const int64_t ntiles = (rows + rows_per_tile - 1) / rows_per_tile;

@@ -41,21 +41,23 @@ struct SoftmaxParams {
   uint64_t q_magic, h_magic;
 };
 
-// How one row is computed. Depends only on K and the dtype (never on B, H, Q, flags or
-// pointers): the same row gives the same bits alone, in a batch, or sharded.
+// How one row is computed. Depends only on K, the dtype and whether both a mask and a bias
+// tensor are read (never on B, H, Q, strides or pointers): the same row gives the same bits
+// alone, in a batch, or sharded.
 struct RowConfig {
-  int chunks;          // 16-byte chunks of a row per thread (8: one read, staged); 0 = streaming path
+  int chunks;          // 16-byte chunks of a row per thread (8, or 4 when both a mask and a bias
+                       // tensor are read: one read, staged); 0 = streaming path
   int row_threads;     // threads of one block working on a row (1 .. 256, power of two)
   int cluster;         // blocks of a thread-block cluster sharing a row (1 .. 16)
   int block_threads;   // threads per block
 };
 
-RowConfig choose_row_config(int64_t K, DType dtype);
+RowConfig choose_row_config(int64_t K, DType dtype, bool two_operands);
 
 // Launches on `stream`; returns the first CUDA error (invalid arguments included).
 cudaError_t launch_attention_softmax(const SoftmaxParams& p, cudaStream_t stream);
 
 // Describes the configuration for K and dtype (for reports and tests).
-const char* describe_row_config(int64_t K, DType dtype, char* buf, int len);
+const char* describe_row_config(int64_t K, DType dtype, bool two_operands, char* buf, int len);
 
 }  // namespace tp_softmax

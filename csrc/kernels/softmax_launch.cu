@@ -25,9 +25,9 @@ int64_t next_pow2(int64_t v) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Every row of `ptr` (element strides `stride`) can be read as aligned vectors of `vec`
-// elements; an operand broadcast along K (stride 0) is read once per row and always qualifies.
+// elements. Operands broadcast along K (stride 0) do not qualify: the aligned kernels read every
+// operand along K, and the strided ones give the same values, hence the same bits.
 bool rows_vectorisable(const void* ptr, const int64_t* stride, int vec, int elem_bytes) {
-  if (stride[3] == 0) return true;
   if (stride[3] != 1) return false;
   if (reinterpret_cast<uintptr_t>(ptr) % (static_cast<uintptr_t>(vec) * elem_bytes) != 0) return false;
   for (int d = 0; d < 3; ++d)
@@ -37,20 +37,21 @@ bool rows_vectorisable(const void* ptr, const int64_t* stride, int vec, int elem
 
 }  // namespace
 
-RowConfig choose_row_config(int64_t K, DType dtype) {
-  constexpr int64_t kPerThread = 8;           // chunks of a row per thread and block
-  constexpr int64_t kBlock = 256;             // threads per block
-  constexpr int64_t kSlice = kPerThread * kBlock;  // chunks per block: 32 KiB
+RowConfig choose_row_config(int64_t K, DType dtype, bool two_operands) {
+  const int64_t kPerThread = two_operands ? 4 : 8;  // chunks of a row per thread and block
+  constexpr int64_t kBlock = 256;                   // threads per block
+  const int64_t kSlice = kPerThread * kBlock;       // chunks per block: 32 KiB (16 KiB)
   const int64_t chunks = ceil_div(K, 16 / elem_size(dtype));  // 16-byte chunks of a row
-  // Rows up to 32 KiB: 256 / rt rows per block, rt threads per row.
-  if (chunks <= kSlice) return {8, static_cast<int>(next_pow2(ceil_div(chunks, kPerThread))), 1, 256};
-  // Up to 16 x 32 KiB: a cluster of blocks shares the row, one 32 KiB slice each.
-  if (chunks <= 16 * kSlice) return {8, 256, static_cast<int>(next_pow2(ceil_div(chunks, kSlice))), 256};
+  const int cpt = static_cast<int>(kPerThread);
+  // Rows up to one slice: 256 / rt rows per block, rt threads per row.
+  if (chunks <= kSlice) return {cpt, static_cast<int>(next_pow2(ceil_div(chunks, kPerThread))), 1, 256};
+  // Up to 16 slices: a cluster of blocks shares the row, one slice each.
+  if (chunks <= 16 * kSlice) return {cpt, 256, static_cast<int>(next_pow2(ceil_div(chunks, kSlice))), 256};
   return {0, 512, 8, 512};  // streaming: the row is read twice
 }
 
-const char* describe_row_config(int64_t K, DType dtype, char* buf, int len) {
-  const RowConfig c = choose_row_config(K, dtype);
+const char* describe_row_config(int64_t K, DType dtype, bool two_operands, char* buf, int len) {
+  const RowConfig c = choose_row_config(K, dtype, two_operands);
   if (c.chunks > 0)
     snprintf(buf, len, "one read (staged): %d thread(s)/row x %d chunk(s), cluster %d, %d threads/block",
              c.row_threads, c.chunks, c.cluster, c.block_threads);
@@ -72,7 +73,9 @@ cudaError_t launch_attention_softmax(const SoftmaxParams& p, cudaStream_t stream
   SoftmaxParams kp = p;
   kp.q_magic = ~uint64_t{0} / static_cast<uint64_t>(p.Q);
   kp.h_magic = ~uint64_t{0} / static_cast<uint64_t>(p.H);
-  const RowConfig cfg = choose_row_config(p.K, p.dtype);
+  const bool two_operands = p.mask_kind != MaskKind::kNone &&
+                            (p.bias_kind == BiasKind::kSame || p.bias_kind == BiasKind::kFloat32);
+  const RowConfig cfg = choose_row_config(p.K, p.dtype, two_operands);
   const int es = elem_size(p.dtype);
   const int vec = 16 / es;
   bool aligned = p.K % vec == 0 && p.in_stride[3] == 1 && p.out_stride[3] == 1 &&

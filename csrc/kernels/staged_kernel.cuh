@@ -24,15 +24,22 @@ namespace tp_softmax {
 namespace detail {
 
 constexpr int kStagedThreads = 256;
-constexpr int kChunksPerThread = 8;
-constexpr int kTileChunks = kStagedThreads * kChunksPerThread;  // 2048 chunks: 32 KiB
-constexpr int kTileBytes = kTileChunks * 16;
-constexpr int kStages = 3;
-constexpr int kStagedSmemBytes = kStages * kTileBytes;          // dynamic shared memory (aligned path)
+constexpr int kStagedSmemBytes = 96 * 1024;  // dynamic shared memory (aligned path): the stages
+constexpr int kMaxStages = 6;
 constexpr int kMaxStagedCluster = 16;
 
+// C chunks per thread: 8 (32 KiB tiles, 3 stages), or 4 (16 KiB tiles, 6 stages) for rows that
+// read a mask or bias tensor (their operand loads and 8 chunks of logits would not fit in the
+// 128 registers of two blocks per SM).
+template <int C>
+struct TileGeometry {
+  static constexpr int kTileBytes = kStagedThreads * C * 16;
+  static constexpr int kStages = kStagedSmemBytes / kTileBytes;
+  static_assert(kStages >= 2 && kStages <= kMaxStages, "stage count");
+};
+
 struct StagedScratch {
-  unsigned long long full[kStages];  // one mbarrier per stage
+  unsigned long long full[kMaxStages];  // one mbarrier per stage
   float warp_max[2][kStagedThreads / 32];
   float warp_sum[2][kStagedThreads / 32];
   float block_max[2];
@@ -86,22 +93,38 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
 
 __device__ __forceinline__ uint4 lds128(const uint8_t* p) { return *reinterpret_cast<const uint4*>(p); }
 
-// A tile's geometry, the same for the producer (warp 0) and every thread.
+// A tile's geometry, the same for the producer (warp 0) and every thread. A row slot holds
+// C * rt chunks in C pieces of rt: without a cluster, piece c is chunks [c * rt, (c + 1) * rt) of
+// the row; in a cluster of n blocks, block q holds the row's pieces c * n + q (pieces interleaved
+// across the blocks, so causal rows load them evenly).
 struct TileShape {
-  int rt;       // threads of a block per row
+  int rt;       // threads of a block per row (chunks per piece), a power of two
+  int rt_shift; // log2(rt)
   int rows;     // rows per tile (kStagedThreads / rt)
-  int slot;     // chunks of a row slot in a stage (rt * kChunksPerThread)
-  int slice0;   // first chunk of this block's slice of a row (cluster rank * slot)
+  int slot;     // chunks of a row slot in a stage (rt * C)
+  int pieces;   // pieces per row slot that are copied separately (C in a cluster, else 1)
+  int cluster;  // blocks per row
+  int rank;     // this block's rank in its cluster
   int nchunks;  // chunks of a row
+
+  // Global chunk index of slot position `l` (0 <= l < slot) of this block.
+  __device__ __forceinline__ int chunk_of(int l) const {
+    return (((l >> rt_shift) * cluster + rank) << rt_shift) + (l & (rt - 1));
+  }
 };
 
-// The chunks [c0, c1) of `row` that are visible and in this block's slice; false if none.
-__device__ __forceinline__ bool slice_chunks(const RowSpan<int>& sp, const TileShape& ts, int V, int& c0, int& c1) {
+// The visible chunks [c0, c1) of piece `pc` of a row slot (local start `l0`); false if none.
+__device__ __forceinline__ bool piece_chunks(const RowSpan<int>& sp, const TileShape& ts, int V, int pc, int& c0,
+                                            int& c1, int& l0) {
   if (sp.lo > sp.hi) return false;
+  const int len = ts.pieces == 1 ? ts.slot : ts.rt;
+  l0 = pc * len;
+  const int g0 = ts.chunk_of(l0);
   const int lo_c = sp.lo / V, hi_c = sp.hi / V + 1;
-  const int end = ts.slice0 + ts.slot < ts.nchunks ? ts.slice0 + ts.slot : ts.nchunks;
-  c0 = lo_c > ts.slice0 ? lo_c : ts.slice0;
+  const int end = g0 + len < ts.nchunks ? g0 + len : ts.nchunks;
+  c0 = lo_c > g0 ? lo_c : g0;
   c1 = hi_c < end ? hi_c : end;
+  l0 += c0 - g0;
   return c0 < c1;
 }
 
@@ -123,37 +146,43 @@ __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileSha
   using R = Row<T, MK, BK, int>;
   const uint64_t policy = evict_first_policy();
   const int lane = threadIdx.x & 31;
+  const int jobs = ts.rows * ts.pieces;  // (row, piece) pairs; pieces is 1 or rows is 1
   uint32_t bytes = 0;
-  for (int rr = lane; rr < ts.rows; rr += 32) {
+  for (int j = lane; j < jobs; j += 32) {
+    const int rr = ts.pieces == 1 ? j : 0, pc = ts.pieces == 1 ? 0 : j;
     const int64_t row = t * ts.rows + rr;
     if (row >= rows) break;
-    int c0, c1;
-    if (slice_chunks(RowSpan<int>(P, row), ts, V, c0, c1)) bytes += static_cast<uint32_t>(c1 - c0) * 16u;
+    int c0, c1, l0;
+    if (piece_chunks(RowSpan<int>(P, row), ts, V, pc, c0, c1, l0))
+      bytes += static_cast<uint32_t>(c1 - c0) * 16u;
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) bytes += __shfl_xor_sync(0xffffffffu, bytes, off);
   if (lane == 0) mbar_arrive_expect_tx(bar, bytes);
   __syncwarp();
-  for (int rr = lane; rr < ts.rows; rr += 32) {
+  for (int j = lane; j < jobs; j += 32) {
+    const int rr = ts.pieces == 1 ? j : 0, pc = ts.pieces == 1 ? 0 : j;
     const int64_t row = t * ts.rows + rr;
     if (row >= rows) break;
     const R r(P, row);
-    int c0, c1;
-    if (!slice_chunks(r, ts, V, c0, c1)) continue;
-    const uint32_t dst = smem_u32(stage + (static_cast<size_t>(rr) * ts.slot + (c0 - ts.slice0)) * 16);
+    int c0, c1, l0;
+    if (!piece_chunks(r, ts, V, pc, c0, c1, l0)) continue;
+    const uint32_t dst = smem_u32(stage + (static_cast<size_t>(rr) * ts.slot + l0) * 16);
     bulk_copy(dst, r.in + static_cast<int64_t>(c0) * V, static_cast<uint32_t>(c1 - c0) * 16u, bar, policy);
-    // The slice's whole operand range for the first row of a run, else only this row's.
+    // The piece's whole operand range for the first row of a run, else only the visible part.
     const bool first = rr == 0 || r.i == 0;
-    const int end = ts.slice0 + ts.slot < ts.nchunks ? ts.slice0 + ts.slot : ts.nchunks;
+    const int len = ts.pieces == 1 ? ts.slot : ts.rt;
+    const int g0 = ts.chunk_of(pc * len);
+    const int g1 = g0 + len < ts.nchunks ? g0 + len : ts.nchunks;
     if constexpr (R::kMask) {
       if (P.mask_stride[3] != 0 && (P.mask_stride[2] != 0 || first)) {
-        const int a = P.mask_stride[2] != 0 ? c0 : ts.slice0, b = P.mask_stride[2] != 0 ? c1 : end;
+        const int a = P.mask_stride[2] != 0 ? c0 : g0, b = P.mask_stride[2] != 0 ? c1 : g1;
         prefetch_l2(r.mask + static_cast<int64_t>(a) * V, r.mask + static_cast<int64_t>(b) * V);
       }
     }
     if constexpr (R::kBias) {
       if (P.bias_stride[3] != 0 && (P.bias_stride[2] != 0 || first)) {
-        const int a = P.bias_stride[2] != 0 ? c0 : ts.slice0, b = P.bias_stride[2] != 0 ? c1 : end;
+        const int a = P.bias_stride[2] != 0 ? c0 : g0, b = P.bias_stride[2] != 0 ? c1 : g1;
         prefetch_l2(r.bias + static_cast<int64_t>(a) * V, r.bias + static_cast<int64_t>(b) * V);
       }
     }
@@ -162,34 +191,39 @@ __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileSha
 
 // ---- the kernel ----------------------------------------------------------------------------------
 // Grid: units of `cluster` blocks; unit u takes tiles u, u + units, ... (`ntiles` in all).
-template <typename T, MaskKind MK, BiasKind BK, bool ALIGNED>
+template <typename T, MaskKind MK, BiasKind BK, int C, bool ALIGNED>
 __global__ void __launch_bounds__(kStagedThreads, 2)
 staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles) {
   constexpr int V = 16 / sizeof(T);
-  constexpr int C = kChunksPerThread;
+  constexpr int kTileBytes = TileGeometry<C>::kTileBytes;
+  constexpr int kStages = TileGeometry<C>::kStages;
   using R = Row<T, MK, BK, int>;
   using MaskT = typename R::MaskT;
   using BiasT = typename R::BiasT;
   constexpr bool kMask = R::kMask;
   constexpr bool kBias = R::kBias;
-  // With at most one mask / bias tensor the logits stay in registers between the reduction and
-  // the write, and the stage is released as soon as it is read; with two, the write forms them
-  // again from the staged scores and the operands, and the stage is released after the write.
-  constexpr bool kKeep = static_cast<int>(kMask) + static_cast<int>(kBias) <= 1;
+  // The logits stay in registers between the reduction and the write (C * V floats: 64 at most,
+  // and 32 where mask / bias chunks need registers too), so a stage is released as soon as it is
+  // read.
+  static_assert(C == 8 || C == 4, "chunks per thread");
 
   extern __shared__ __align__(128) uint8_t stage_mem[];
   __shared__ StagedScratch sh;
+  __shared__ TileShape ts_shared;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   TileShape ts;
   ts.rt = rt;
-  ts.rows = kStagedThreads / rt;
+  ts.rt_shift = __ffs(rt) - 1;
+  ts.rows = kStagedThreads >> ts.rt_shift;
   ts.slot = rt * C;
-  ts.slice0 = (cluster > 1 ? static_cast<int>(cg::this_cluster().block_rank()) : 0) * ts.slot;
+  ts.pieces = cluster > 1 ? C : 1;
+  ts.cluster = cluster;
+  ts.rank = cluster > 1 ? static_cast<int>(cg::this_cluster().block_rank()) : 0;
   ts.nchunks = static_cast<int>((P.K + V - 1) / V);
   const int lane = tid & (rt - 1);
-  const int row_in_tile = tid / rt;
+  const int row_in_tile = tid >> ts.rt_shift;
   const int64_t rows = P.B * P.H * P.Q;
   const int64_t unit = blockIdx.x / cluster;
   const int64_t nunits = gridDim.x / cluster;
@@ -198,12 +232,13 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles
     if (tid == 0) {
       for (int s = 0; s < kStages; ++s) mbar_init(smem_u32(&sh.full[s]), 1);
       mbar_fence_init();
+      ts_shared = ts;  // warp 0 reads the tile shape from here, not from registers held all along
     }
     __syncthreads();
     if (warp == 0) {
       for (int s = 0; s < kStages; ++s) {
         const int64_t t = unit + s * nunits;
-        if (t < ntiles) issue_tile<T, MK, BK>(P, ts, t, rows, stage_mem + s * kTileBytes, smem_u32(&sh.full[s]));
+        if (t < ntiles) issue_tile<T, MK, BK>(P, ts_shared, t, rows, stage_mem + s * kTileBytes, smem_u32(&sh.full[s]));
       }
     }
   }
@@ -211,6 +246,10 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles
   int k = 0;
   for (int64_t t = unit; t < ntiles; t += nunits, ++k) {
     const int s = k % kStages;
+    // Slot position c * rt + lane holds chunk c * ch_step + ch_base of the row (recomputed per
+    // tile from the launch parameters rather than held in registers across the loop).
+    const int ch_base = ts.rank * rt + lane;
+    const int ch_step = cluster * rt;
     const int64_t row = t * ts.rows + row_in_tile;
     const bool active = row < rows;
     const R r(P, active ? row : 0);
@@ -219,67 +258,49 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles
     bool vis[C];
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-      const int ch = ts.slice0 + c * rt + lane;
+      const int ch = c * ch_step + ch_base;
       vis[c] = active && ch < ts.nchunks && r.visible(ch * V, V);
     }
 
-    // Row values of operands broadcast along K. Chunks of operands along K are read where used:
-    // cache hits, since warp 0 prefetched them into L2 with the scores (and neighbouring rows
-    // usually share them).
-    const bool mask_k = kMask && P.mask_stride[3] != 0;
-    const bool bias_k = kBias && P.bias_stride[3] != 0;
-    float mask0 = 0.0f, bias0 = 0.0f;
-    if constexpr (kMask) {
-      if (active && !mask_k) mask0 = op_value(r.mask[0]);
-    }
-    if constexpr (kBias) {
-      if (active && !bias_k) bias0 = op_value(r.bias[0]);
-    }
+    if constexpr (ALIGNED) mbar_wait(smem_u32(&sh.full[s]), static_cast<uint32_t>((k / kStages) & 1));
 
-    // x of chunk slot c (visible chunks only).
-    auto logits = [&](int c, float (&x)[V]) {
-      const int j0 = (ts.slice0 + c * rt + lane) * V;
+    // Logits, kept in registers; then the thread's partial: its max over all its chunks, then
+    // e = exp(x - max) in place and their sum. Max and sum run in 4 independent accumulators
+    // (element e goes to e % 4), combined in a fixed order: short dependency chains.
+    constexpr int A = 4;
+    float kept[C][V];
+    float acc[A];
+#pragma unroll
+    for (int a = 0; a < A; ++a) acc[a] = neg_inf();
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (!vis[c]) continue;
+      const int j0 = (c * ch_step + ch_base) * V;
       if constexpr (ALIGNED) {
         float sv[V];
         unpack_chunk<T>(lds128(my_slot + static_cast<size_t>(c * rt + lane) * 16), sv);
-        chunk_logits_vec<T, MK, BK, V, int>(P, r, j0, sv, mask_k, mask0, bias_k, bias0, x);
+        chunk_logits_along_k<T, MK, BK, V, int>(P, r, j0, sv, kept[c]);
       } else {
-        chunk_logits_strided<T, MK, BK, V, int>(P, r, j0, x);
+        chunk_logits_strided<T, MK, BK, V, int>(P, r, j0, kept[c]);
       }
-    };
-
-    if constexpr (ALIGNED) mbar_wait(smem_u32(&sh.full[s]), static_cast<uint32_t>((k / kStages) & 1));
-
-    // The thread's partial: with kept logits, its max over all its chunks, then e = exp(x - max)
-    // in place and their sum; otherwise an online max / sum chunk by chunk.
-    float kept[kKeep ? C : 1][V];
-    MS st{neg_inf(), 0.0f};
-    if constexpr (kKeep) {
 #pragma unroll
-      for (int c = 0; c < C; ++c) {
-        if (!vis[c]) continue;
-        logits(c, kept[c]);
-#pragma unroll
-        for (int e = 0; e < V; ++e) st.m = fmaxf(st.m, kept[c][e]);
-      }
+      for (int e = 0; e < V; ++e) acc[e % A] = fmaxf(acc[e % A], kept[c][e]);
+    }
+    MS st{fmaxf(fmaxf(acc[0], acc[1]), fmaxf(acc[2], acc[3])), 0.0f};
+    {
       const float shift = (st.m == neg_inf() ? 0.0f : st.m) * kLog2e;
+#pragma unroll
+      for (int a = 0; a < A; ++a) acc[a] = 0.0f;
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         if (!vis[c]) continue;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           kept[c][e] = fast_exp2(fmaf(kept[c][e], kLog2e, -shift));
-          st.s += kept[c][e];
+          acc[e % A] += kept[c][e];
         }
       }
-    } else {
-#pragma unroll
-      for (int c = 0; c < C; ++c) {
-        if (!vis[c]) continue;
-        float x[V];
-        logits(c, x);
-        ms_add_chunk<V>(st, x);
-      }
+      st.s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     }
     const float local_max = st.m;
 
@@ -291,12 +312,12 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles
       sh.warp_max[par][warp] = st.m;
       sh.warp_sum[par][warp] = st.s;
     }
-    if (block_rows || (ALIGNED && kKeep)) __syncthreads();
-    if constexpr (ALIGNED && kKeep) {
+    if (block_rows || ALIGNED) __syncthreads();
+    if constexpr (ALIGNED) {
       // Every thread is done with stage s: refill it.
       const int64_t t2 = t + kStages * nunits;
       if (warp == 0 && t2 < ntiles)
-        issue_tile<T, MK, BK>(P, ts, t2, rows, stage_mem + s * kTileBytes, smem_u32(&sh.full[s]));
+        issue_tile<T, MK, BK>(P, ts_shared, t2, rows, stage_mem + s * kTileBytes, smem_u32(&sh.full[s]));
     }
     if (block_rows) {
       const int w0 = row_in_tile * (rt >> 5);
@@ -328,18 +349,12 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles
         fast_exp2((local_max - (st.m == neg_inf() ? 0.0f : st.m)) * kLog2e) * norm.inv;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-      const int ch = ts.slice0 + c * rt + lane;
+      const int ch = c * ch_step + ch_base;
       if (!active || ch >= ts.nchunks) continue;
       float y[V];
       if (vis[c]) {
-        if constexpr (kKeep) {
 #pragma unroll
-          for (int e = 0; e < V; ++e) y[e] = kept[c][e] * factor;
-        } else {
-          logits(c, y);
-#pragma unroll
-          for (int e = 0; e < V; ++e) y[e] = norm(y[e]);
-        }
+        for (int e = 0; e < V; ++e) y[e] = kept[c][e] * factor;
       } else {
 #pragma unroll
         for (int e = 0; e < V; ++e) y[e] = norm.hidden;
@@ -349,12 +364,6 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles
       } else {
         store_strided<T, V, int>(r.out, P.out_stride[3], ch * V, static_cast<int>(P.K), y);
       }
-    }
-    if constexpr (ALIGNED && !kKeep) {
-      __syncthreads();
-      const int64_t t2 = t + kStages * nunits;
-      if (warp == 0 && t2 < ntiles)
-        issue_tile<T, MK, BK>(P, ts, t2, rows, stage_mem + s * kTileBytes, smem_u32(&sh.full[s]));
     }
   }
   // No block of a cluster may exit while another can still read its shared memory.
