@@ -184,7 +184,12 @@ class DeepSpeedBuild:
         status = self.dist.broadcast(self._wait() if self.dist.rank == 0 else None)
         if not status.startswith("ok"):
             return None, status
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        plain = bl.deepspeed_arch_list(arch or "", [torch.cuda.get_device_capability(i)
+                                                    for i in range(torch.cuda.device_count())])
         try:
+            if plain is not None:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = plain  # as the build script did
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 from deepspeed.ops.op_builder import InferenceBuilder
@@ -192,6 +197,9 @@ class DeepSpeedBuild:
                 module = InferenceBuilder().load(verbose=False)
         except Exception as exc:  # noqa: BLE001 - any failure makes the contender unavailable
             return None, f"not available: loading the built kernel failed: {type(exc).__name__}: {exc}"
+        finally:
+            if plain is not None:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = arch
         return module, status
 
 

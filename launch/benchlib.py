@@ -689,6 +689,16 @@ def deepspeed_refusal(case: Case, heads: int) -> Optional[str]:
     return None
 
 
+def deepspeed_arch_list(arch: str, capabilities) -> Optional[str]:
+    """A ``TORCH_CUDA_ARCH_LIST`` that DeepSpeed 0.19.8 can parse, or None when ``arch`` already is
+    one: it reads entries as ``MAJOR.MINOR[+PTX]`` only, and fails on e.g. ``9.0a``. The build
+    script does the same in its own process."""
+    entries = [e.strip() for e in arch.replace(" ", ";").split(";") if e.strip()]
+    if all(re.fullmatch(r"\d+\.\d+(\+PTX)?", e) for e in entries):
+        return None
+    return ";".join(f"{a}.{b}" for a, b in sorted(set(capabilities)))
+
+
 def deepspeed_function(module, dtype: torch.dtype):
     name = {torch.float16: "softmax_fp16", torch.bfloat16: "softmax_bf16",
             torch.float32: "softmax_fp32"}[dtype]

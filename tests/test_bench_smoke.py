@@ -314,3 +314,12 @@ def test_smoke_torchrun_two_ranks(tmp_path):
     assert math.isclose(float(shard["scaling"]), float(shard["ms"]) / (float(full["ms"]) / 2), rel_tol=1e-2)
     assert float(shard["err"]) <= bl.TOLERANCE["fp16"] and shard["masked_rows"] == "zeros"
     assert "bloom176b-tp4: slowest of 2 ranks" in proc.stdout
+
+
+def test_deepspeed_arch_list_gives_plain_capabilities():
+    # DeepSpeed 0.19.8 reads TORCH_CUDA_ARCH_LIST entries as MAJOR.MINOR[+PTX] only
+    assert bl.deepspeed_arch_list("9.0a", [(9, 0)]) == "9.0"
+    assert bl.deepspeed_arch_list("8.0 9.0a", [(9, 0), (8, 0), (9, 0)]) == "8.0;9.0"
+    assert bl.deepspeed_arch_list("9.0", [(9, 0)]) is None
+    assert bl.deepspeed_arch_list("8.0;9.0+PTX", [(9, 0)]) is None
+    assert bl.deepspeed_arch_list("", [(9, 0)]) is None
