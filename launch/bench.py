@@ -656,10 +656,17 @@ def draw_chart(rows, path: Path, title: str):
     return f"chart: {path}"
 
 
-def git_commit() -> str:
+def git_commit(root: Path = ROOT) -> str:
+    """The checkout's commit, with ``+changes`` when tracked files differ from it (the numbers then
+    belong to code that is not that commit)."""
     try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "?"
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        if not head:
+            return "?"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+changes" if dirty else "")
     except Exception:  # noqa: BLE001
         return "?"
 

@@ -323,3 +323,18 @@ def test_deepspeed_arch_list_gives_plain_capabilities():
     assert bl.deepspeed_arch_list("9.0", [(9, 0)]) is None
     assert bl.deepspeed_arch_list("8.0;9.0+PTX", [(9, 0)]) is None
     assert bl.deepspeed_arch_list("", [(9, 0)]) is None
+
+
+def test_git_commit_marks_changed_trees(tmp_path):
+    import subprocess
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    (tmp_path / "f.txt").write_text("a\n")
+    subprocess.run(git + ["add", "f.txt"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "c"], check=True)
+    head = subprocess.run(git[:3] + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert bench.git_commit(tmp_path) == head
+    (tmp_path / "f.txt").write_text("b\n")
+    assert bench.git_commit(tmp_path) == head + "+changes"
+    assert bench.git_commit(tmp_path / "missing") == "?"
