@@ -632,13 +632,23 @@ def draw_chart(rows, path: Path, title: str):
     names = [c for c in bl.CONTENDERS if any(r["contender"] == c for r in rows)]
     width = 0.8 / max(1, len(names))
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cases) + 2), 4.8))
+    any_wrong = False
     for k, name in enumerate(names):
-        eff = []
+        eff, wrong = [], []
         for c in cases:
             r = next((r for r in rows if r["case"] == c and r["contender"] == name), None)
             eff.append(r["efficiency"] if r is not None and r["status"] == "ok" else 0.0)
+            err = r["err"] if r is not None else float("nan")
+            wrong.append(isinstance(err, float) and err > bl.WRONG)
         xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(cases))]
-        ax.bar(xs, eff, width, label=name)
+        bars = ax.bar(xs, eff, width, label=name)
+        for bar, bad in zip(bars, wrong):
+            if bad:  # a fast wrong answer: hatched and labelled, so the bar is not read as a result
+                any_wrong = True
+                bar.set_hatch("xx")
+                bar.set_alpha(0.45)
+                ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01, "wrong", rotation=90,
+                        ha="center", va="bottom", fontsize=6)
     top = max([r["efficiency"] for r in rows if r["status"] == "ok" and r["efficiency"] == r["efficiency"]]
               or [1.0])
     ax.set_ylim(0, min(max(1.1, 1.05 * top), 2.0))
@@ -647,6 +657,8 @@ def draw_chart(rows, path: Path, title: str):
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("efficiency = floor time / measured time")
+    if any_wrong:
+        title += f"\nhatched: wrong result (max error vs float64 > {bl.WRONG:g})"
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, ncol=len(names))
     fig.tight_layout()
@@ -654,6 +666,27 @@ def draw_chart(rows, path: Path, title: str):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"chart: {path}"
+
+
+def chart_from_csv(csv_path: Path, out_dir: Path) -> str:
+    """Redraw the efficiency chart of an earlier run from its bench.csv (and bench_env.json)."""
+    rows = []
+    with open(csv_path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            for key in ("efficiency", "err"):
+                try:
+                    r[key] = float(r[key])
+                except (TypeError, ValueError):
+                    r[key] = float("nan")
+            rows.append(r)
+    env_path = csv_path.with_name("bench_env.json")
+    title = csv_path.name
+    if env_path.is_file():
+        env = json.loads(env_path.read_text())
+        bw = env.get("copy_bandwidth_GBps")
+        title = (f"{env.get('device', '?')}, torch {env.get('torch', '?')}"
+                 + (f", copy {float(bw):.0f} GB/s" if bw else "") + f", {env.get('date', '?')}")
+    return draw_chart(rows, out_dir / "bench_efficiency.png", title)
 
 
 def git_commit(root: Path = ROOT) -> str:
@@ -688,6 +721,9 @@ def parse_args(argv=None):
     p.add_argument("--contenders", default=",".join(bl.CONTENDERS),
                    help=f"comma-separated subset of {','.join(bl.CONTENDERS)}")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
+    p.add_argument("--chart-from", metavar="CSV", default=None,
+                   help="draw OUT/bench_efficiency.png from an earlier run's bench.csv (its bench_env.json beside "
+                        "it gives the title) and exit; needs no GPU")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes and few repetitions: checks the code path, measures nothing")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
@@ -733,6 +769,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.chart_from:
+        print(chart_from_csv(Path(args.chart_from), Path(args.out)))
+        return 0
     if args.list:
         print(f"{'case':<24} {'dtype':<5} {'B,H_local,mp,Q,K':<24} flags   (* = selected)")
         chosen = {c.name for c in args.cases}

@@ -2,6 +2,7 @@
 two processes under torchrun with gloo)."""
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -338,3 +339,44 @@ def test_git_commit_marks_changed_trees(tmp_path):
     (tmp_path / "f.txt").write_text("b\n")
     assert bench.git_commit(tmp_path) == head + "+changes"
     assert bench.git_commit(tmp_path / "missing") == "?"
+
+
+def test_chart_from_csv_redraws_and_marks_wrong_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    fields = ["case", "contender", "status", "efficiency", "err"]
+    rows = [
+        {"case": "a", "contender": "tp_softmax", "status": "ok", "efficiency": "0.9", "err": "2e-4"},
+        {"case": "a", "contender": "deepspeed", "status": "ok", "efficiency": "0.4", "err": "1.0"},
+        {"case": "b", "contender": "tp_softmax", "status": "ok", "efficiency": "0.5", "err": "nan"},
+    ]
+    with open(tmp_path / "bench.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    (tmp_path / "bench_env.json").write_text(json.dumps({"device": "GPU X", "torch": "t", "date": "d",
+                                                         "copy_bandwidth_GBps": 3000.0}))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(LAUNCH / "bench.py"), "--chart-from", str(tmp_path / "bench.csv"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    png = out / "bench_efficiency.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+
+    def fake_savefig(self, path, **kw):
+        drawn["title"] = self.axes[0].get_title()
+        drawn["hatches"] = [p.get_hatch() for p in self.axes[0].patches]
+
+    orig = plt.Figure.savefig
+    plt.Figure.savefig = fake_savefig
+    try:
+        bench.chart_from_csv(tmp_path / "bench.csv", tmp_path / "again")
+    finally:
+        plt.Figure.savefig = orig
+    assert "GPU X" in drawn["title"] and "3000 GB/s" in drawn["title"] and "wrong" in drawn["title"]
+    assert drawn["hatches"].count("xx") == 1  # only deepspeed's wrong bar on case a
