@@ -679,9 +679,11 @@ def chart_from_csv(csv_path: Path, out_dir: Path) -> str:
                 except (TypeError, ValueError):
                     r[key] = float("nan")
             rows.append(r)
-    env_path = csv_path.with_name("bench_env.json")
+    # bench_env.json beside bench.csv, or NAME_env.json beside NAME.csv (as in docs/)
+    env_path = next((p for p in (csv_path.with_name(csv_path.stem + "_env.json"), csv_path.with_name("bench_env.json"))
+                     if p.is_file()), None)
     title = csv_path.name
-    if env_path.is_file():
+    if env_path is not None:
         env = json.loads(env_path.read_text())
         bw = env.get("copy_bandwidth_GBps")
         title = (f"{env.get('device', '?')}, torch {env.get('torch', '?')}"
@@ -722,8 +724,8 @@ def parse_args(argv=None):
                    help=f"comma-separated subset of {','.join(bl.CONTENDERS)}")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
     p.add_argument("--chart-from", metavar="CSV", default=None,
-                   help="draw OUT/bench_efficiency.png from an earlier run's bench.csv (its bench_env.json beside "
-                        "it gives the title) and exit; needs no GPU")
+                   help="draw OUT/bench_efficiency.png from an earlier run's CSV (bench_env.json or "
+                        "NAME_env.json beside NAME.csv gives the title) and exit; needs no GPU")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes and few repetitions: checks the code path, measures nothing")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
