@@ -15,6 +15,23 @@
 namespace tp_softmax {
 namespace detail {
 
+// A launch of `blocks` blocks in clusters of `cluster` (1-D); `attr` holds the cluster attribute.
+inline cudaLaunchConfig_t cluster_launch_config(int64_t blocks, int threads, int smem, int cluster,
+                                                cudaStream_t stream, cudaLaunchAttribute (&attr)[1]) {
+  cudaLaunchConfig_t lc = {};
+  lc.gridDim = dim3(static_cast<unsigned>(blocks));
+  lc.blockDim = dim3(static_cast<unsigned>(threads));
+  lc.dynamicSmemBytes = static_cast<size_t>(smem);
+  lc.stream = stream;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  lc.attrs = attr;
+  lc.numAttrs = 1;
+  return lc;
+}
+
 // Blocks of `kernel` (in units of `cluster`) that are resident at once on the current device;
 // the function attributes are set on the first call per kernel, device and cluster size.
 inline cudaError_t resident_units(const void* kernel, int threads, int smem, int cluster, int64_t& units) {
@@ -54,17 +71,8 @@ inline cudaError_t resident_units(const void* kernel, int threads, int smem, int
     if (e != cudaSuccess) return e;
     n *= sms;
   } else {
-    cudaLaunchConfig_t lc = {};
-    lc.gridDim = dim3(static_cast<unsigned>(cluster * sms));
-    lc.blockDim = dim3(static_cast<unsigned>(threads));
-    lc.dynamicSmemBytes = static_cast<size_t>(smem);
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = cluster;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    lc.attrs = attr;
-    lc.numAttrs = 1;
+    const cudaLaunchConfig_t lc = cluster_launch_config(int64_t{cluster} * sms, threads, smem, cluster, nullptr, attr);
     e = cudaOccupancyMaxActiveClusters(&n, kernel, &lc);
     if (e != cudaSuccess) return e;
   }
@@ -84,18 +92,8 @@ cudaError_t launch_clustered(void (*kernel)(Args...), int64_t blocks, int thread
     kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(args...);
     return cudaGetLastError();
   }
-  cudaLaunchConfig_t lc = {};
-  lc.gridDim = dim3(static_cast<unsigned>(blocks));
-  lc.blockDim = dim3(static_cast<unsigned>(threads));
-  lc.dynamicSmemBytes = static_cast<size_t>(smem);
-  lc.stream = stream;
   cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  lc.attrs = attr;
-  lc.numAttrs = 1;
+  const cudaLaunchConfig_t lc = cluster_launch_config(blocks, threads, smem, cluster, stream, attr);
   return cudaLaunchKernelEx(&lc, kernel, args...);
 }
 
@@ -108,10 +106,7 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
         auto kernel = aligned ? streaming_softmax_kernel<T, MK, BK, true> : streaming_softmax_kernel<T, MK, BK, false>;
         const int64_t max_groups = (int64_t{1} << 31) / cfg.cluster - 1;
         const int64_t groups = rows < max_groups ? rows : max_groups;  // groups stride over the rows
-        if (cfg.cluster > 8) {
-          const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-          if (e != cudaSuccess) return e;
-        }
+        // (its cluster is 8: portable, no attribute to set)
         return launch_clustered(kernel, groups * cfg.cluster, cfg.block_threads, 0, cfg.cluster, stream, p,
                                 cfg.cluster);
       }

@@ -26,7 +26,6 @@ namespace detail {
 constexpr int kStagedThreads = 256;
 constexpr int kStagedSmemBytes = 96 * 1024;  // dynamic shared memory (aligned path): the stages
 constexpr int kMaxStages = 6;
-constexpr int kMaxStagedCluster = 16;
 
 // C chunks per thread: 8 (32 KiB tiles, 3 stages), or 4 (16 KiB tiles, 6 stages) for rows that
 // read a mask or bias tensor (their operand loads and 8 chunks of logits would not fit in the
@@ -198,10 +197,6 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles
   constexpr int kTileBytes = TileGeometry<C>::kTileBytes;
   constexpr int kStages = TileGeometry<C>::kStages;
   using R = Row<T, MK, BK, int>;
-  using MaskT = typename R::MaskT;
-  using BiasT = typename R::BiasT;
-  constexpr bool kMask = R::kMask;
-  constexpr bool kBias = R::kBias;
   // The logits stay in registers between the reduction and the write (C * V floats: 64 at most,
   // and 32 where mask / bias chunks need registers too), so a stage is released as soon as it is
   // read.

@@ -85,16 +85,20 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster) {
         chunk_logits_strided<T, MK, BK, V, Pos>(P, r, j0, x);
       }
     };
+    // The logits of the U chunks ch0 + u * G (vis[u]: the chunk exists and has a visible key).
+    auto gather = [&](Pos ch0, float (&x)[U][V], bool (&vis)[U]) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const Pos j0 = (ch0 + u * G) * V;
+        vis[u] = ch0 + u * G < nchunks && r.visible(j0, V);
+        if (vis[u]) logits(j0, x[u]);
+      }
+    };
     MS st{neg_inf(), 0.0f};
     for (Pos ch0 = g; ch0 < nchunks; ch0 += U * G) {
       float x[U][V];
       bool ok[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const Pos j0 = (ch0 + u * G) * V;
-        ok[u] = ch0 + u * G < nchunks && r.visible(j0, V);
-        if (ok[u]) logits(j0, x[u]);
-      }
+      gather(ch0, x, ok);
 #pragma unroll
       for (int u = 0; u < U; ++u)
         if (ok[u]) ms_add_chunk<V>(st, x[u]);
@@ -103,12 +107,7 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster) {
     for (Pos ch0 = g; ch0 < nchunks; ch0 += U * G) {
       float y[U][V];
       bool vis[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const Pos j0 = (ch0 + u * G) * V;
-        vis[u] = ch0 + u * G < nchunks && r.visible(j0, V);
-        if (vis[u]) logits(j0, y[u]);
-      }
+      gather(ch0, y, vis);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const Pos ch = ch0 + u * G;
