@@ -138,6 +138,12 @@ class DeepSpeedBuild:
 
     def __init__(self, wanted: bool, device: torch.device, dist: Dist, timeout_s: float, log: Path):
         self.dist, self.timeout_s, self.log = dist, timeout_s, log
+        # The arch list DeepSpeed is built and loaded with (None: the environment's own will do).
+        self.arch = None
+        if wanted and device.type == "cuda":
+            self.arch = bl.deepspeed_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST", ""),
+                                               [torch.cuda.get_device_capability(i)
+                                                for i in range(torch.cuda.device_count())])
         self.proc = None
         self.started = time.time()
         self.status = None
@@ -151,9 +157,15 @@ class DeepSpeedBuild:
         elif dist.local_rank == 0:
             self.log.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log, "w")
+            env = dict(os.environ)
+            if self.arch is not None:
+                self._log_file.write(f"DS-BENCH-NOTE: TORCH_CUDA_ARCH_LIST "
+                                     f"{env.get('TORCH_CUDA_ARCH_LIST')!r} -> {self.arch!r} for DeepSpeed\n")
+                self._log_file.flush()
+                env["TORCH_CUDA_ARCH_LIST"] = self.arch
             self.proc = subprocess.Popen([sys.executable, "-c", bl.DEEPSPEED_BUILD_SCRIPT],
                                          stdout=self._log_file, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True, env=env)
 
     def _wait(self) -> str:
         if self.status is not None:
@@ -184,12 +196,10 @@ class DeepSpeedBuild:
         status = self.dist.broadcast(self._wait() if self.dist.rank == 0 else None)
         if not status.startswith("ok"):
             return None, status
-        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        plain = bl.deepspeed_arch_list(arch or "", [torch.cuda.get_device_capability(i)
-                                                    for i in range(torch.cuda.device_count())])
+        saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
         try:
-            if plain is not None:
-                os.environ["TORCH_CUDA_ARCH_LIST"] = plain  # as the build script did
+            if self.arch is not None:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = self.arch  # as the build process had it
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 from deepspeed.ops.op_builder import InferenceBuilder
@@ -198,8 +208,8 @@ class DeepSpeedBuild:
         except Exception as exc:  # noqa: BLE001 - any failure makes the contender unavailable
             return None, f"not available: loading the built kernel failed: {type(exc).__name__}: {exc}"
         finally:
-            if plain is not None:
-                os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+            if self.arch is not None:  # only set when the environment had a list
+                os.environ["TORCH_CUDA_ARCH_LIST"] = saved
         return module, status
 
 

@@ -403,7 +403,7 @@ class Sample:
 def sample_rows(case: Case, shard: Shard, st, n: int, seed: int) -> Sample:
     """``n`` random rows plus the first and last row, the first row that keeps a key and, when
     padding hides every key of some row, one such row."""
-    B, H, Q, K = case.B, shard.heads, case.Q, case.K
+    B, H, Q = case.B, shard.heads, case.Q
     device = st["scores"].device
     gen = torch.Generator().manual_seed(seed + 1)
     b = torch.randint(0, B, (n,), generator=gen)
@@ -691,8 +691,8 @@ def deepspeed_refusal(case: Case, heads: int) -> Optional[str]:
 
 def deepspeed_arch_list(arch: str, capabilities) -> Optional[str]:
     """A ``TORCH_CUDA_ARCH_LIST`` that DeepSpeed 0.19.8 can parse, or None when ``arch`` already is
-    one: it reads entries as ``MAJOR.MINOR[+PTX]`` only, and fails on e.g. ``9.0a``. The build
-    script does the same in its own process."""
+    one: it reads entries as ``MAJOR.MINOR[+PTX]`` only, and fails on e.g. ``9.0a``. The bench
+    builds and loads DeepSpeed's kernel with it (``DeepSpeedBuild``)."""
     entries = [e.strip() for e in arch.replace(" ", ";").split(";") if e.strip()]
     if all(re.fullmatch(r"\d+\.\d+(\+PTX)?", e) for e in entries):
         return None
@@ -731,16 +731,6 @@ try:
 except Exception as exc:
     print(f"DS-BENCH-FAIL: cannot import deepspeed: {type(exc).__name__}: {exc}", flush=True)
     sys.exit(2)
-import os, re, torch
-# DeepSpeed 0.19.8 parses TORCH_CUDA_ARCH_LIST entries as MAJOR.MINOR[+PTX] only (an entry
-# such as 9.0a fails with "invalid literal for int()"): give it the GPUs' own capabilities.
-arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-entries = [e.strip() for e in arch.replace(" ", ";").split(";") if e.strip()]
-if any(not re.fullmatch(r"\d+\.\d+(\+PTX)?", e) for e in entries):
-    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in caps)
-    print(f"DS-BENCH-NOTE: TORCH_CUDA_ARCH_LIST {arch!r} -> {os.environ['TORCH_CUDA_ARCH_LIST']!r} for DeepSpeed",
-          flush=True)
 builder = InferenceBuilder()
 if not builder.is_compatible(verbose=True):
     print("DS-BENCH-FAIL: InferenceBuilder is not compatible with this machine", flush=True)
