@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 FUNC = re.compile(r"Function : (\S+)")
-NAME = re.compile(r"(staged|streaming)_softmax_kernelI(\w+?)LNS_8MaskKindE(\d)ELNS_8BiasKindE(\d)E(?:Li(\d)E)?(?:Lb(\d)E)?")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_kernels import NAME  # noqa: E402  (the kernels' mangled names: kind, dtype, mask, bias, chunks, aligned)
+
 DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
 
 
