@@ -25,8 +25,6 @@ Versions: DeepSpeed's BLOOM injection refuses transformers > 4.43.4, so this nee
 
 import argparse
 import copy
-import datetime
-import gc
 import os
 import sys
 import types
@@ -38,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from generate import DTYPES, check_tokens, make_inputs, run_and_agree  # noqa: E402
+from generate import DTYPES, check_tokens, make_inputs, pick_device, run_in_group  # noqa: E402
 
 MAX_TRANSFORMERS = (4, 43)
 # DeepSpeed's fused kernels round differently from Hugging Face (and its PyTorch fallbacks use
@@ -192,28 +190,19 @@ def run(args, device, group) -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_versions()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()
-                                         and torch.cuda.device_count() >= world)
-    if not use_cuda and not args.ds_fallback:
+    device = pick_device(args)
+    if device.type != "cuda" and not args.ds_fallback:
         raise SystemExit("ds_bloom: without CUDA only --ds-fallback can run")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
-    try:
+
+    def init_deepspeed():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
-        return run_and_agree(lambda: run(args, device, dist.group.WORLD), device,
-                             "PASS: DeepSpeed inference with tp_softmax matches Hugging Face",
-                             "FAIL: DeepSpeed inference with tp_softmax does not match Hugging Face")
-    finally:
-        # Free what run() left in reference cycles while the group still exists: with gloo,
-        # PyTorch can abort at exit when such objects outlive destroy_process_group().
-        gc.collect()
-        dist.destroy_process_group()
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+    return run_in_group(device, args.timeout, lambda: run(args, device, dist.group.WORLD),
+                        "PASS: DeepSpeed inference with tp_softmax matches Hugging Face",
+                        "FAIL: DeepSpeed inference with tp_softmax does not match Hugging Face",
+                        setup=init_deepspeed)
 
 
 if __name__ == "__main__":

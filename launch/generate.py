@@ -240,28 +240,42 @@ def run_and_agree(check, device, pass_line: str, fail_line: str) -> int:
     return 0 if ok else 1
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def pick_device(args) -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK when asked for or when every local rank has a GPU."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()
                                          and torch.cuda.device_count() >= world)
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=args.timeout))
+    if not use_cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def run_in_group(device, timeout_s: float, check, pass_line: str, fail_line: str, setup=None) -> int:
+    """Start the default group (nccl on GPUs, gloo on CPU), call ``setup()`` if given, then
+    :func:`run_and_agree`; the group is destroyed however that ends."""
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
     try:
-        return run_and_agree(lambda: run(args, device, dist.group.WORLD), device,
-                             "PASS: tensor-parallel logits and tokens match Hugging Face",
-                             "FAIL: tensor-parallel generation does not match Hugging Face")
+        if setup is not None:
+            setup()
+        return run_and_agree(check, device, pass_line, fail_line)
     finally:
-        # Free what run() left in reference cycles while the group still exists: with gloo,
+        # Free what check() left in reference cycles while the group still exists: with gloo,
         # PyTorch can abort at exit when such objects outlive destroy_process_group().
         gc.collect()
         dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args)
+    return run_in_group(device, args.timeout, lambda: run(args, device, dist.group.WORLD),
+                        "PASS: tensor-parallel logits and tokens match Hugging Face",
+                        "FAIL: tensor-parallel generation does not match Hugging Face")
+
 
 if __name__ == "__main__":
     sys.exit(main())
