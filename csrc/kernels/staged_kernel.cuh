@@ -136,8 +136,8 @@ __device__ __forceinline__ void prefetch_l2(const void* begin, const void* end) 
 }
 
 // Warp 0: copy the visible chunks of tile `t` into the stage at `stage` (completing on `bar`), and
-// prefetch into L2 the parts of the mask / bias rows the tile will read. An operand row shared by
-// consecutive rows (broadcast over queries) is prefetched once, for its first row in the tile.
+// prefetch into L2 the visible parts of the tile's mask / bias rows where each row has its own.
+// (Operands reach this kernel only with stride 1 along K: rows_vectorisable.)
 template <typename T, MaskKind MK, BiasKind BK>
 __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileShape& ts, int64_t t, int64_t rows,
                                            uint8_t* stage, uint32_t bar) {
@@ -168,22 +168,16 @@ __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileSha
     if (!piece_chunks(r, ts, V, pc, c0, c1, l0)) continue;
     const uint32_t dst = smem_u32(stage + (static_cast<size_t>(rr) * ts.slot + l0) * 16);
     bulk_copy(dst, r.in + static_cast<int64_t>(c0) * V, static_cast<uint32_t>(c1 - c0) * 16u, bar, policy);
-    // The piece's whole operand range for the first row of a run, else only the visible part.
-    const bool first = rr == 0 || r.i == 0;
-    const int len = ts.pieces == 1 ? ts.slot : ts.rt;
-    const int g0 = ts.chunk_of(pc * len);
-    const int g1 = g0 + len < ts.nchunks ? g0 + len : ts.nchunks;
+    // Operand rows of their own (not broadcast over queries): prefetch the visible part into L2.
+    // A row broadcast over queries is read by many tiles and stays in L2; prefetching it again
+    // for every tile cost more than it saved (docs/perf.md, v10).
     if constexpr (R::kMask) {
-      if (P.mask_stride[3] != 0 && (P.mask_stride[2] != 0 || first)) {
-        const int a = P.mask_stride[2] != 0 ? c0 : g0, b = P.mask_stride[2] != 0 ? c1 : g1;
-        prefetch_l2(r.mask + static_cast<int64_t>(a) * V, r.mask + static_cast<int64_t>(b) * V);
-      }
+      if (P.mask_stride[2] != 0)
+        prefetch_l2(r.mask + static_cast<int64_t>(c0) * V, r.mask + static_cast<int64_t>(c1) * V);
     }
     if constexpr (R::kBias) {
-      if (P.bias_stride[3] != 0 && (P.bias_stride[2] != 0 || first)) {
-        const int a = P.bias_stride[2] != 0 ? c0 : g0, b = P.bias_stride[2] != 0 ? c1 : g1;
-        prefetch_l2(r.bias + static_cast<int64_t>(a) * V, r.bias + static_cast<int64_t>(b) * V);
-      }
+      if (P.bias_stride[2] != 0)
+        prefetch_l2(r.bias + static_cast<int64_t>(c0) * V, r.bias + static_cast<int64_t>(c1) * V);
     }
   }
 }
