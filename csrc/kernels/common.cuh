@@ -211,25 +211,6 @@ __device__ __forceinline__ float op_value(OT v) {
   }
 }
 
-// x for the V keys of chunk j0 from the scores `sv` and the operand chunks `m` / `b` already
-// read; an operand broadcast along K (mask_k / bias_k false) gives its row value instead.
-template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
-__device__ __forceinline__ void chunk_logits_from(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
-                                                  const float (&sv)[V],
-                                                  const Vec<typename Row<T, MK, BK, Pos>::MaskT, V>& m, bool mask_k,
-                                                  float mask0,
-                                                  const Vec<typename Row<T, MK, BK, Pos>::BiasT, V>& b, bool bias_k,
-                                                  float bias0, float (&x)[V]) {
-  using R = Row<T, MK, BK, Pos>;
-#pragma unroll
-  for (int e = 0; e < V; ++e) {
-    const float bb = R::kBias ? (bias_k ? op_value(b.v[e]) : bias0) : 0.0f;
-    const float mm = R::kMask ? (mask_k ? op_value(m.v[e]) : mask0) : 0.0f;
-    x[e] = form_value<MK, BK, Pos>(sv[e], P.layer_scale, bb, mm, r.slope, r.p, j0 + e);
-  }
-  hide_outside<V, Pos>(x, j0, r.lo, r.hi);
-}
-
 // x for the V keys of chunk j0 from the scores `sv` already read and 16-byte (bool: V-byte)
 // reads of operands that run along K with stride 1 (the aligned kernels' operands).
 template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
@@ -247,23 +228,6 @@ __device__ __forceinline__ void chunk_logits_along_k(const SoftmaxParams& P, con
     x[e] = form_value<MK, BK, Pos>(sv[e], P.layer_scale, bb, mm, r.slope, r.p, j0 + e);
   }
   hide_outside<V, Pos>(x, j0, r.lo, r.hi);
-}
-
-// The same where an operand may be broadcast along K (mask_k / bias_k false: its row value).
-template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
-__device__ __forceinline__ void chunk_logits_vec(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
-                                                 const float (&sv)[V], bool mask_k, float mask0, bool bias_k,
-                                                 float bias0, float (&x)[V]) {
-  using R = Row<T, MK, BK, Pos>;
-  Vec<typename R::MaskT, V> m;
-  Vec<typename R::BiasT, V> b;
-  if constexpr (R::kMask) {
-    if (mask_k) m = *reinterpret_cast<const Vec<typename R::MaskT, V>*>(r.mask + j0);
-  }
-  if constexpr (R::kBias) {
-    if (bias_k) b = *reinterpret_cast<const Vec<typename R::BiasT, V>*>(r.bias + j0);
-  }
-  chunk_logits_from<T, MK, BK, V, Pos>(P, r, j0, sv, m, mask_k, mask0, b, bias_k, bias0, x);
 }
 
 // 16 bytes read once / written once: evict-first in the caches.

@@ -48,7 +48,8 @@ __device__ __forceinline__ MS block_cluster_reduce_ms(MS v, int cluster, StreamS
 
 // Grid: groups of `cluster` blocks of kStreamThreads, each group striding over rows; the G threads
 // of a group take chunk c * G + g of the row.
-// ALIGNED: scores and operands along K are read as 16-byte vectors (the same values).
+// ALIGNED: scores and operands are read as 16-byte vectors (the same values); operands
+// broadcast along K (stride 0) take ALIGNED = false (rows_vectorisable).
 template <typename T, MaskKind MK, BiasKind BK, bool ALIGNED>
 __global__ void __launch_bounds__(kStreamThreads, 1)
 streaming_softmax_kernel(const SoftmaxParams P, int cluster) {
@@ -67,20 +68,11 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster) {
   int parity = 0;
   for (int64_t row = blockIdx.x / cluster; row < rows; row += gridDim.x / cluster) {
     const R r(P, row);
-    const bool mask_k = R::kMask && P.mask_stride[3] != 0;
-    const bool bias_k = R::kBias && P.bias_stride[3] != 0;
-    float mask0 = 0.0f, bias0 = 0.0f;
-    if constexpr (R::kMask) {
-      if (!mask_k) mask0 = op_value(r.mask[0]);
-    }
-    if constexpr (R::kBias) {
-      if (!bias_k) bias0 = op_value(r.bias[0]);
-    }
     auto logits = [&](Pos j0, float (&x)[V]) {
       if constexpr (ALIGNED) {
         float sv[V];
         unpack_chunk<T>(load_streaming(r.in + j0), sv);
-        chunk_logits_vec<T, MK, BK, V, Pos>(P, r, j0, sv, mask_k, mask0, bias_k, bias0, x);
+        chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, j0, sv, x);
       } else {
         chunk_logits_strided<T, MK, BK, V, Pos>(P, r, j0, x);
       }
