@@ -5,7 +5,7 @@
 For every staged-kernel variant: local-memory instructions (LDL/STL, spills), bulk copies
 (UBLKCP), 16-byte shared loads (LDS.128) and 16-byte global stores (STG.E...128). Fails when an
 aligned variant has no bulk copy, no 16-byte shared loads or stores, or more than 4 local-memory
-instructions (the one allowed exception of scripts/check_kernels.py: one value reloaded per tile).
+instructions (the allowed exception of scripts/check_kernels.py: values reloaded once per tile).
 """
 
 import os
@@ -17,7 +17,7 @@ from pathlib import Path
 
 FUNC = re.compile(r"Function : (\S+)")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_kernels import NAME  # noqa: E402  (the kernels' mangled names: kind, dtype, mask, bias, chunks, aligned)
+from check_kernels import NAME  # noqa: E402  (mangled names: kind, dtype, mask, bias, chunks, aligned, cluster)
 
 DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
 
@@ -35,7 +35,7 @@ def main() -> int:
         m = NAME.search(name)
         if not m:
             continue
-        kind, dt, mask, bias, _chunks, aligned = m.groups()
+        kind, dt, mask, bias, _chunks, aligned, _cluster = m.groups()
         aligned = aligned == "1"
         ops = [ln.split(";")[0] for ln in body.splitlines() if "/*" in ln]
         count = lambda pat: sum(1 for o in ops if re.search(pat, o))

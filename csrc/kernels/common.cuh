@@ -304,6 +304,91 @@ __device__ __forceinline__ MS lane_reduce_ms(MS v, int width) {
   return v;
 }
 
+// ---- mbarriers and the exchange of cluster partials ------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_fence_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+// Store (m, s) into the shared memory of block `rank` of the cluster, at the address that
+// `local` has in this block, completing 8 bytes on that block's mbarrier at the address `bar` has
+// here.
+__device__ __forceinline__ void push_partial(uint32_t local, uint32_t bar, uint32_t rank, float m, float s) {
+  asm volatile(
+      "{\n"
+      ".reg .b32 ra, rb;\n"
+      "mapa.shared::cluster.u32 ra, %0, %2;\n"
+      "mapa.shared::cluster.u32 rb, %1, %2;\n"
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [ra], {%3, %4}, [rb];\n"
+      "}\n" ::"r"(local),
+      "r"(bar), "r"(rank), "f"(m), "f"(s)
+      : "memory");
+}
+
+// The blocks of a cluster that share a row exchange their partials (max, sum) without a
+// cluster-wide barrier: every block pushes its partial into the other blocks' shared memory
+// (st.async, completing on their barrier for the row's parity) and waits for theirs, then every
+// thread combines them in rank order (the same bits in every thread and block). A slot of one
+// parity is written again two rows later, only by a block that has received this block's partial
+// of the row between, which this block sends after reading the slot (it reads it before the next
+// row's block-wide barrier). Set up by one thread (init, then fence.mbarrier_init and a cluster
+// barrier); the blocks must not exit before a final cluster barrier.
+constexpr int kMaxCluster = 16;
+
+struct ClusterExchange {
+  unsigned long long bar[2];     // by row parity: the other blocks' partials have arrived
+  float2 part[2][kMaxCluster];  // by row parity and rank: (max, sum)
+
+  __device__ __forceinline__ void init() {
+    for (int p = 0; p < 2; ++p) mbar_init(smem_u32(&bar[p]), 1);
+  }
+
+  // `st`: this block's partial, the same in every thread; `k`: the row's ordinal in this block.
+  __device__ __forceinline__ MS combine(MS st, int cluster, int k) {
+    const int par = k & 1;
+    const uint32_t b = smem_u32(&bar[par]);
+    const int rank = static_cast<int>(cg::this_cluster().block_rank());
+    const int tid = threadIdx.x;
+    if (tid < cluster && tid != rank) push_partial(smem_u32(&part[par][rank]), b, tid, st.m, st.s);
+    if (tid == 0) mbar_arrive_expect_tx(b, static_cast<uint32_t>(cluster - 1) * 8u);
+    mbar_wait(b, static_cast<uint32_t>((k >> 1) & 1));
+    // Lane q takes rank q's partial; the warp combines them in rank order.
+    const int l = tid & 31;
+    MS q_part{neg_inf(), 0.0f};
+    if (l < cluster) {
+      const float2 v = part[par][l];
+      q_part = l == rank ? st : MS{v.x, v.y};
+    }
+    MS tot{__shfl_sync(0xffffffffu, q_part.m, 0), __shfl_sync(0xffffffffu, q_part.s, 0)};
+    for (int q = 1; q < cluster; ++q)
+      tot = ms_combine(tot, {__shfl_sync(0xffffffffu, q_part.m, q), __shfl_sync(0xffffffffu, q_part.s, q)});
+    return tot;
+  }
+};
+
 // The normalised outputs of one row from its reduced state: y = exp(x - max) / sum; a row with no
 // visible key gives zeros (and a NaN row NaN).
 struct Normaliser {

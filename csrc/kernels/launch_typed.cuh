@@ -114,7 +114,11 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
       constexpr bool kTwo = MK != MaskKind::kNone && (BK == BiasKind::kSame || BK == BiasKind::kFloat32);
       constexpr int C = kTwo ? 4 : 8;
       if (cfg.chunks != C) return cudaErrorInvalidValue;
-      auto kernel = aligned ? staged_softmax_kernel<T, MK, BK, C, true> : staged_softmax_kernel<T, MK, BK, C, false>;
+      const bool clustered = cfg.cluster > 1;
+      auto kernel = aligned ? (clustered ? staged_softmax_kernel<T, MK, BK, C, true, true>
+                                         : staged_softmax_kernel<T, MK, BK, C, true, false>)
+                            : (clustered ? staged_softmax_kernel<T, MK, BK, C, false, true>
+                                         : staged_softmax_kernel<T, MK, BK, C, false, false>);
       const int smem = aligned ? kStagedSmemBytes : 0;
       const int64_t rows_per_tile = kStagedThreads / cfg.row_threads;
       const int64_t ntiles = (rows + rows_per_tile - 1) / rows_per_tile;

@@ -41,39 +41,10 @@ struct StagedScratch {
   unsigned long long full[kMaxStages];  // one mbarrier per stage
   float warp_max[2][kStagedThreads / 32];
   float warp_sum[2][kStagedThreads / 32];
-  float block_max[2];
-  float block_sum[2];
+  ClusterExchange xc;                   // cluster rows
 };
 
-// ---- PTX: mbarrier and bulk copies -------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mbar_fence_init() {
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-
+// ---- PTX: bulk copies ---------------------------------------------------------------------------
 __device__ __forceinline__ uint64_t evict_first_policy() {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
@@ -184,9 +155,11 @@ __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileSha
 
 // ---- the kernel ----------------------------------------------------------------------------------
 // Grid: units of `cluster` blocks; unit u takes tiles u, u + units, ... (`ntiles` in all).
-template <typename T, MaskKind MK, BiasKind BK, int C, bool ALIGNED>
+// CLUSTER: rows longer than one slice, shared by a cluster of `cluster` (2 to 16) blocks; else
+// `cluster` is 1 (a template parameter so that rows of one block carry none of the exchange).
+template <typename T, MaskKind MK, BiasKind BK, int C, bool ALIGNED, bool CLUSTER>
 __global__ void __launch_bounds__(kStagedThreads, 2)
-staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles) {
+staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t ntiles) {
   constexpr int V = 16 / sizeof(T);
   constexpr int kTileBytes = TileGeometry<C>::kTileBytes;
   constexpr int kStages = TileGeometry<C>::kStages;
@@ -200,6 +173,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles
   __shared__ StagedScratch sh;
   __shared__ TileShape ts_shared;
 
+  const int cluster = cluster_arg;  // 1 without CLUSTER (kept a runtime value: ptxas allocates better)
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   TileShape ts;
@@ -217,13 +191,21 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles
   const int64_t unit = blockIdx.x / cluster;
   const int64_t nunits = gridDim.x / cluster;
 
-  if constexpr (ALIGNED) {
-    if (tid == 0) {
+  if (tid == 0) {
+    if constexpr (ALIGNED) {
       for (int s = 0; s < kStages; ++s) mbar_init(smem_u32(&sh.full[s]), 1);
-      mbar_fence_init();
       ts_shared = ts;  // warp 0 reads the tile shape from here, not from registers held all along
     }
+    if (CLUSTER) sh.xc.init();
+    mbar_fence_init();
+  }
+  // The other blocks of a cluster push into this block's barriers: they must see them set up.
+  if (CLUSTER) {
+    cg::this_cluster().sync();
+  } else if (ALIGNED) {
     __syncthreads();
+  }
+  if constexpr (ALIGNED) {
     if (warp == 0) {
       for (int s = 0; s < kStages; ++s) {
         const int64_t t = unit + s * nunits;
@@ -313,23 +295,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles
       st = {sh.warp_max[par][w0], sh.warp_sum[par][w0]};
       for (int w = 1; w < (rt >> 5); ++w) st = ms_combine(st, {sh.warp_max[par][w0 + w], sh.warp_sum[par][w0 + w]});
     }
-    if (cluster > 1) {
-      cg::cluster_group cl = cg::this_cluster();
-      if (tid == 0) {
-        sh.block_max[par] = st.m;
-        sh.block_sum[par] = st.s;
-      }
-      cl.sync();
-      // Lane q reads rank q's partial (all reads in flight at once); every warp combines them in
-      // rank order, so every thread gets the same bits.
-      const int l = tid & 31;
-      MS q_part{neg_inf(), 0.0f};
-      if (l < cluster)
-        q_part = {*cl.map_shared_rank(&sh.block_max[par], l), *cl.map_shared_rank(&sh.block_sum[par], l)};
-      st = {__shfl_sync(0xffffffffu, q_part.m, 0), __shfl_sync(0xffffffffu, q_part.s, 0)};
-      for (int q = 1; q < cluster; ++q)
-        st = ms_combine(st, {__shfl_sync(0xffffffffu, q_part.m, q), __shfl_sync(0xffffffffu, q_part.s, q)});
-    }
+    if constexpr (CLUSTER) st = sh.xc.combine(st, cluster, k);
 
     // Write: every chunk of the slice, zeros where hidden.
     const Normaliser norm(st);
@@ -355,8 +321,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster, int64_t ntiles
       }
     }
   }
-  // No block of a cluster may exit while another can still read its shared memory.
-  if (cluster > 1) cg::this_cluster().sync();
+  // No block of a cluster may exit while another can still write to its shared memory.
+  if (CLUSTER) cg::this_cluster().sync();
 }
 
 }  // namespace detail

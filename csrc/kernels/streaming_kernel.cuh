@@ -9,20 +9,20 @@ namespace detail {
 
 constexpr int kStreamThreads = 512;
 
-// Per-warp partials and the block's partial for its cluster, double-buffered by row parity so
-// one barrier per reduction suffices.
+// Per-warp partials, double-buffered by row parity so one barrier per reduction suffices, and the
+// exchange of the cluster's block partials.
 struct StreamScratch {
   float warp_max[2][32];
   float warp_sum[2][32];
-  float block_max[2];
-  float block_sum[2];
+  ClusterExchange xc;
 };
 
 // Reduce over the threads of a row: lanes (butterfly), warps of the block (in order), blocks of
-// the cluster (in rank order). Every thread gets the same bits.
-__device__ __forceinline__ MS block_cluster_reduce_ms(MS v, int cluster, StreamScratch& sh, int parity) {
+// the cluster (in rank order). Every thread gets the same bits. `k`: the row's ordinal here.
+__device__ __forceinline__ MS block_cluster_reduce_ms(MS v, int cluster, StreamScratch& sh, int k) {
   v = lane_reduce_ms(v, 32);
   const int warp = threadIdx.x >> 5;
+  const int parity = k & 1;
   if ((threadIdx.x & 31) == 0) {
     sh.warp_max[parity][warp] = v.m;
     sh.warp_sum[parity][warp] = v.s;
@@ -31,18 +31,7 @@ __device__ __forceinline__ MS block_cluster_reduce_ms(MS v, int cluster, StreamS
   const int nw = blockDim.x >> 5;
   v = {sh.warp_max[parity][0], sh.warp_sum[parity][0]};
   for (int w = 1; w < nw; ++w) v = ms_combine(v, {sh.warp_max[parity][w], sh.warp_sum[parity][w]});
-  if (cluster > 1) {
-    cg::cluster_group cl = cg::this_cluster();
-    if (threadIdx.x == 0) {
-      sh.block_max[parity] = v.m;
-      sh.block_sum[parity] = v.s;
-    }
-    cl.sync();
-    v = {*cl.map_shared_rank(&sh.block_max[parity], 0), *cl.map_shared_rank(&sh.block_sum[parity], 0)};
-    for (int c = 1; c < cluster; ++c)
-      v = ms_combine(v, {*cl.map_shared_rank(&sh.block_max[parity], c),
-                         *cl.map_shared_rank(&sh.block_sum[parity], c)});
-  }
+  if (cluster > 1) v = sh.xc.combine(v, cluster, k);
   return v;
 }
 
@@ -65,7 +54,14 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster) {
   const Pos nchunks = (K + V - 1) / V;
   const int64_t rows = P.B * P.H * P.Q;
   using R = Row<T, MK, BK, Pos>;
-  int parity = 0;
+  if (cluster > 1) {
+    if (threadIdx.x == 0) {
+      sh.xc.init();
+      mbar_fence_init();
+    }
+    cg::this_cluster().sync();  // the other blocks push into this block's barriers
+  }
+  int k = 0;  // rows done by this block
   for (int64_t row = blockIdx.x / cluster; row < rows; row += gridDim.x / cluster) {
     const R r(P, row);
     auto logits = [&](Pos j0, float (&x)[V]) {
@@ -95,7 +91,7 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster) {
       for (int u = 0; u < U; ++u)
         if (ok[u]) ms_add_chunk<V>(st, x[u]);
     }
-    const Normaliser norm(block_cluster_reduce_ms(st, cluster, sh, parity));
+    const Normaliser norm(block_cluster_reduce_ms(st, cluster, sh, k));
     for (Pos ch0 = g; ch0 < nchunks; ch0 += U * G) {
       float y[U][V];
       bool vis[U];
@@ -113,9 +109,9 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster) {
         }
       }
     }
-    parity ^= 1;
+    ++k;
   }
-  // No block of a cluster may exit while another can still read its shared memory.
+  // No block of a cluster may exit while another can still write to its shared memory.
   if (cluster > 1) cg::this_cluster().sync();
 }
 
