@@ -81,6 +81,7 @@ if has ncu; then
 bert 32 16 16 512 512 fp16 pad
 bloom 1 56 112 2048 2048 fp16 causal alibi pad
 decode-b8-k64k 8 32 32 1 65536 bf16
+decode-b64-k4k 64 32 128 1 4096 fp16 alibi pad
 long-32k 1 2 2 32768 32768 bf16 causal
 CASES
   note ncu ok "$(grep -c 'DRAM Throughput' "$OUT/ncu.txt") profiles (ncu.txt)"
