@@ -304,6 +304,14 @@ __device__ __forceinline__ MS lane_reduce_ms(MS v, int width) {
   return v;
 }
 
+// The partials of warps w0 .. w0 + n - 1 (written to shared memory before a barrier), combined
+// in warp order.
+__device__ __forceinline__ MS combine_warps(const float* warp_max, const float* warp_sum, int w0, int n) {
+  MS v{warp_max[w0], warp_sum[w0]};
+  for (int w = 1; w < n; ++w) v = ms_combine(v, {warp_max[w0 + w], warp_sum[w0 + w]});
+  return v;
+}
+
 // ---- mbarriers and the exchange of cluster partials ------------------------------------------
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -290,11 +290,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       if (warp == 0 && t2 < ntiles)
         issue_tile<T, MK, BK>(P, ts_shared, t2, rows, stage_mem + s * kTileBytes, smem_u32(&sh.full[s]));
     }
-    if (block_rows) {
-      const int w0 = row_in_tile * (rt >> 5);
-      st = {sh.warp_max[par][w0], sh.warp_sum[par][w0]};
-      for (int w = 1; w < (rt >> 5); ++w) st = ms_combine(st, {sh.warp_max[par][w0 + w], sh.warp_sum[par][w0 + w]});
-    }
+    if (block_rows) st = combine_warps(sh.warp_max[par], sh.warp_sum[par], row_in_tile * (rt >> 5), rt >> 5);
     if constexpr (CLUSTER) st = sh.xc.combine(st, cluster, k);
 
     // Write: every chunk of the slice, zeros where hidden.

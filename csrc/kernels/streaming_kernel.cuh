@@ -28,9 +28,7 @@ __device__ __forceinline__ MS block_cluster_reduce_ms(MS v, int cluster, StreamS
     sh.warp_sum[parity][warp] = v.s;
   }
   __syncthreads();
-  const int nw = blockDim.x >> 5;
-  v = {sh.warp_max[parity][0], sh.warp_sum[parity][0]};
-  for (int w = 1; w < nw; ++w) v = ms_combine(v, {sh.warp_max[parity][w], sh.warp_sum[parity][w]});
+  v = combine_warps(sh.warp_max[parity], sh.warp_sum[parity], 0, blockDim.x >> 5);
   if (cluster > 1) v = sh.xc.combine(v, cluster, k);
   return v;
 }
