@@ -125,7 +125,7 @@ struct Row : RowSpan<Pos> {
                 typename std::conditional<MK == MaskKind::kSame, T, float>::type>::type;
   using BiasT = typename std::conditional<BK == BiasKind::kSame, T, float>::type;
   static constexpr bool kMask = MK != MaskKind::kNone;
-  static constexpr bool kBias = BK == BiasKind::kSame || BK == BiasKind::kFloat32;
+  static constexpr bool kBias = bias_is_tensor(BK);
   const T* in;
   T* out;
   const MaskT* mask;
@@ -157,7 +157,7 @@ struct Row : RowSpan<Pos> {
 template <MaskKind MK, BiasKind BK, typename Pos>
 __device__ __forceinline__ float form_value(float s, float scale, float b, float m, float slope, Pos p, Pos j) {
   float v = __fmul_rn(s, scale);
-  if constexpr (BK == BiasKind::kSame || BK == BiasKind::kFloat32) {
+  if constexpr (bias_is_tensor(BK)) {
     v = __fadd_rn(v, b);
   } else if constexpr (BK == BiasKind::kSlopes) {
     const Pos d = p - j;

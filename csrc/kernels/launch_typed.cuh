@@ -110,9 +110,7 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
         return launch_clustered(kernel, groups * cfg.cluster, cfg.block_threads, 0, cfg.cluster, stream, p,
                                 cfg.cluster);
       }
-      // Rows that read both a mask and a bias tensor: 4 chunks per thread (choose_row_config).
-      constexpr bool kTwo = MK != MaskKind::kNone && (BK == BiasKind::kSame || BK == BiasKind::kFloat32);
-      constexpr int C = kTwo ? 4 : 8;
+      constexpr int C = reads_two_operands(MK, BK) ? 4 : 8;  // as choose_row_config
       if (cfg.chunks != C) return cudaErrorInvalidValue;
       const bool clustered = cfg.cluster > 1;
       auto kernel = aligned ? (clustered ? staged_softmax_kernel<T, MK, BK, C, true, true>

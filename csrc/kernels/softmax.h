@@ -18,6 +18,21 @@ enum class MaskKind : int { kNone = 0, kBool = 1, kSame = 2, kFloat32 = 3 };
 // Bias: none, ALiBi computed from float32 slopes, a tensor in the scores' dtype, float32.
 enum class BiasKind : int { kNone = 0, kSlopes = 1, kSame = 2, kFloat32 = 3 };
 
+#ifdef __CUDACC__
+#define TP_SOFTMAX_HOST_DEVICE __host__ __device__
+#else
+#define TP_SOFTMAX_HOST_DEVICE
+#endif
+
+// The bias is read from a tensor (not computed from slopes).
+TP_SOFTMAX_HOST_DEVICE constexpr bool bias_is_tensor(BiasKind k) {
+  return k == BiasKind::kSame || k == BiasKind::kFloat32;
+}
+// Both a mask and a bias tensor are read: rows then take 4 chunks per thread (choose_row_config).
+TP_SOFTMAX_HOST_DEVICE constexpr bool reads_two_operands(MaskKind m, BiasKind b) {
+  return m != MaskKind::kNone && bias_is_tensor(b);
+}
+
 struct SoftmaxParams {
   DType dtype;
   int64_t B, H, Q, K;

@@ -66,16 +66,14 @@ cudaError_t launch_attention_softmax(const SoftmaxParams& p, cudaStream_t stream
   if (rows == 0 || p.K == 0) return cudaSuccess;
   if (p.in == nullptr || p.out == nullptr) return cudaErrorInvalidValue;
   if (p.mask_kind != MaskKind::kNone && p.mask == nullptr) return cudaErrorInvalidValue;
-  if ((p.bias_kind == BiasKind::kSame || p.bias_kind == BiasKind::kFloat32) && p.bias == nullptr)
+  if (bias_is_tensor(p.bias_kind) && p.bias == nullptr)
     return cudaErrorInvalidValue;
   if (p.bias_kind == BiasKind::kSlopes && p.slopes == nullptr) return cudaErrorInvalidValue;
 
   SoftmaxParams kp = p;
   kp.q_magic = ~uint64_t{0} / static_cast<uint64_t>(p.Q);
   kp.h_magic = ~uint64_t{0} / static_cast<uint64_t>(p.H);
-  const bool two_operands = p.mask_kind != MaskKind::kNone &&
-                            (p.bias_kind == BiasKind::kSame || p.bias_kind == BiasKind::kFloat32);
-  const RowConfig cfg = choose_row_config(p.K, p.dtype, two_operands);
+  const RowConfig cfg = choose_row_config(p.K, p.dtype, reads_two_operands(p.mask_kind, p.bias_kind));
   const int es = elem_size(p.dtype);
   const int vec = 16 / es;
   bool aligned = p.K % vec == 0 && p.in_stride[3] == 1 && p.out_stride[3] == 1 &&
@@ -84,7 +82,7 @@ cudaError_t launch_attention_softmax(const SoftmaxParams& p, cudaStream_t stream
     const int mes = p.mask_kind == MaskKind::kBool ? 1 : p.mask_kind == MaskKind::kSame ? es : 4;
     aligned = aligned && rows_vectorisable(p.mask, p.mask_stride, vec, mes);
   }
-  if (p.bias_kind == BiasKind::kSame || p.bias_kind == BiasKind::kFloat32) {
+  if (bias_is_tensor(p.bias_kind)) {
     const int bes = p.bias_kind == BiasKind::kSame ? es : 4;
     aligned = aligned && rows_vectorisable(p.bias, p.bias_stride, vec, bes);
   }
