@@ -18,13 +18,13 @@ using tp_softmax::BiasKind;
 using tp_softmax::DType;
 using tp_softmax::MaskKind;
 
-DType scores_dtype(const at::Tensor& s) {
-  switch (s.scalar_type()) {
+DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kFloat: return DType::kFloat32;
     default:
-      TORCH_CHECK_TYPE(false, "tp_softmax: scores must be float16, bfloat16 or float32, got ", s.scalar_type());
+      TORCH_CHECK_TYPE(false, "tp_softmax: scores must be float16, bfloat16 or float32, got ", t);
   }
 }
 
@@ -54,7 +54,7 @@ void run(const at::Tensor& scores, const at::Tensor& out, const std::optional<at
   const c10::cuda::CUDAGuard guard(scores.device());
 
   tp_softmax::SoftmaxParams p{};
-  p.dtype = scores_dtype(scores);
+  p.dtype = kernel_dtype(scores.scalar_type());
   p.B = scores.size(0);
   p.H = scores.size(1);
   p.Q = scores.size(2);
@@ -122,8 +122,7 @@ void attention_softmax_(const at::Tensor& scores, const std::optional<at::Tensor
 
 std::string row_config(int64_t K, at::ScalarType dtype, bool two_operands) {
   char buf[160];
-  const DType dt = dtype == at::kFloat ? DType::kFloat32 : dtype == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-  return tp_softmax::describe_row_config(K, dt, two_operands, buf, sizeof(buf));
+  return tp_softmax::describe_row_config(K, kernel_dtype(dtype), two_operands, buf, sizeof(buf));
 }
 
 }  // namespace
