@@ -59,14 +59,14 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 try:
-    import tp_softmax  # noqa: F401
-except ImportError:
+    import tp_softmax
+except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
+    import tp_softmax
 
 import torch  # noqa: E402
 
 import benchlib as bl  # noqa: E402
-import tp_softmax  # noqa: E402,F811
 from tp_softmax import attention_softmax, head_partition  # noqa: E402
 
 CSV_COLUMNS = [
