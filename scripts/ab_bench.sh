@@ -7,14 +7,13 @@
 #                                           one after the other with `launch/bench.py --contenders
 #                                           copy,tp_softmax`; a table of ms / efficiency last
 #
-#   OUT=dir              where logs, CSVs and the table go (default /tmp/ab_out)
-#   BENCH_ARGS="..."     passed to launch/bench.py (e.g. --only 'bloom*,bert*' --case ...)
-#   AB_TESTS="NAME..."   run tests/test_cuda_kernel.py on these variants first
-#   AB_SANITIZE="NAME.." run scripts/sanitize_cases.py under memcheck and racecheck on these
+#   OUT=dir            where logs, CSVs and the table go (default /tmp/ab_out)
+#   BENCH_ARGS="..."   passed to launch/bench.py (e.g. --only 'bloom*,bert*' --case ...)
+#   AB_CHECK="NAME..." also run the GPU tests and compute-sanitizer on these variants
 #
-# .ab/ is ignored by git; send it to a GPU machine with the device tool's carry (".ab"). Every
-# variant builds into its own folder (/tmp/ab_build_NAME) and is imported from .ab/NAME, never
-# from the checkout (tests run from /tmp so the checkout is not on sys.path).
+# .ab/ is ignored by git; send it to a GPU machine with the device tool's carry (".ab"). Each
+# variant builds into its own folder (/tmp/ab_build_NAME); its tests, sanitizer runs and bench go
+# through scripts/gpu_check.sh with TP_SOFTMAX_PKG=.ab/NAME, so they import the variant.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -31,44 +30,35 @@ if [ "${1:-}" = "--make" ]; then
   echo "made .ab/$name from ${3:-the working tree}"
   exit 0
 fi
-[ $# -ge 1 ] || { sed -n '2,18p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,16p' "$0"; exit 2; }
 for v in "$@"; do
   [ -f ".ab/$v/tp_softmax/__init__.py" ] && [ -d ".ab/$v/csrc" ] || { echo "ab_bench: no variant .ab/$v"; exit 2; }
 done
 
 OUT=${OUT:-/tmp/ab_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-# in_variant NAME CMD...: run CMD from /tmp with variant NAME's package and build folder
-in_variant() {
+# variant NAME CMD...: run CMD with variant NAME's package and build folder
+variant() {
   local v=$1
   shift
-  (cd /tmp && TP_SOFTMAX_BUILD_DIR=/tmp/ab_build_$v PYTHONPATH=$ROOT/.ab/$v "$@")
+  TP_SOFTMAX_PKG=$ROOT/.ab/$v TP_SOFTMAX_BUILD_DIR=/tmp/ab_build_$v "$@"
 }
 
-for v in "$@"; do
-  in_variant "$v" python3 -c "import tp_softmax, tp_softmax._build as b
+for v in "$@"; do  # the builds, in parallel
+  variant "$v" env PYTHONPATH="$ROOT/.ab/$v" python3 -P -c "import tp_softmax, tp_softmax._build as b
 ok = b.load(); print('$v: built', ok, 'from', tp_softmax.__file__, b.load_error() or '')" > "$OUT/build_$v.log" 2>&1 &
 done
 wait
 for v in "$@"; do tail -n 1 "$OUT/build_$v.log"; done
-
-for v in ${AB_TESTS:-}; do
-  in_variant "$v" python3 -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_cuda_kernel.py" > "$OUT/test_$v.txt" 2>&1
-  echo "$v: gpu tests rc=$? $(tail -n 1 "$OUT/test_$v.txt")"
-done
-for v in ${AB_SANITIZE:-}; do
-  for tool in memcheck racecheck; do
-    in_variant "$v" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 9 \
-      python3 "$ROOT/scripts/sanitize_cases.py" > "$OUT/sanitize_${tool}_$v.txt" 2>&1
-    echo "$v: $tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_${tool}_$v.txt" | tail -n 1)"
-  done
-done
 for v in "$@"; do
+  stages=bench
+  [[ " ${AB_CHECK:-} " == *" $v "* ]] && stages="test sanitize bench"
   # shellcheck disable=SC2086
-  in_variant "$v" python3 "$ROOT/launch/bench.py" --contenders copy,tp_softmax --out "$OUT/$v" ${BENCH_ARGS:-} \
-    > "$OUT/bench_$v.txt" 2>&1 || echo "$v: bench failed (see $OUT/bench_$v.txt)"
+  variant "$v" env OUT="$OUT/$v" BENCH_ARGS="--contenders copy,tp_softmax ${BENCH_ARGS:-}" \
+    scripts/gpu_check.sh $stages > "$OUT/gpu_check_$v.txt" 2>&1
+  echo "$v:"
+  sed -n '/==== summary/,$p' "$OUT/gpu_check_$v.txt" | tail -n +2
 done
 
 python3 - "$OUT" "$@" <<'PY' | tee "$OUT/ab_table.txt"
@@ -79,7 +69,7 @@ import sys
 out, names = sys.argv[1], sys.argv[2:]
 cells, cases = {}, []
 for v in names:
-    path = os.path.join(out, v, "bench.csv")
+    path = os.path.join(out, v, "bench", "bench.csv")
     if not os.path.exists(path):
         print(f"{v}: no bench.csv")
         continue

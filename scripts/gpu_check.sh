@@ -7,17 +7,22 @@
 #   OUT=dir  where logs and bench output go (default: ./gpu_out)
 #   WHEELS=dir  extra wheels to install first (e.g. deepspeed and its small deps)
 #   BENCH_ARGS="..." passed to launch/bench.py
+#   TP_SOFTMAX_PKG=dir  import tp_softmax (and build the csrc/ beside it) from dir, not from this
+#                       checkout: stages env, sass, test, sanitize, bench, ncu (the torchrun
+#                       launchers import the checkout); scripts/ab_bench.sh uses it for variants
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export TP_SOFTMAX_BUILD_DIR=${TP_SOFTMAX_BUILD_DIR:-/tmp/tp_softmax_build}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=${TP_SOFTMAX_PKG:-$PWD}${PYTHONPATH:+:$PYTHONPATH}
 if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl &&
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+# `python3 -P -m ...` keeps the working directory off sys.path, so PYTHONPATH decides which
+# tp_softmax is imported.
 STAGES=${*:-env sass test sanitize shard generate tp4 bench}
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 declare -a SUMMARY
@@ -27,7 +32,7 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 if has env; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
   t0=$(date +%s)
-  if python3 -m tp_softmax 2>&1 | tee "$OUT/env.txt"; then :; fi
+  if python3 -P -m tp_softmax 2>&1 | tee "$OUT/env.txt"; then :; fi
   grep -q "fused CUDA kernel" "$OUT/env.txt" && note env ok "kernel built+loaded in $(( $(date +%s) - t0 )) s" || note env FAIL "kernel not usable (see env.txt)"
 fi
 if has sass; then
@@ -35,7 +40,7 @@ if has sass; then
   rc=$?; note sass $([ $rc = 0 ] && echo ok || echo FAIL) "$(tail -1 "$OUT/sass.txt")"
 fi
 if has test; then
-  python3 -m pytest -q -x tests/test_cuda_kernel.py -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/test_cuda.txt"
+  python3 -P -m pytest -q -x tests/test_cuda_kernel.py -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/test_cuda.txt"
   rc=$?; note gpu-tests $([ $rc = 0 ] && echo ok || echo FAIL) "$(tail -1 "$OUT/test_cuda.txt")"
 fi
 if has sanitize; then
