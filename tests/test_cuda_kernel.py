@@ -388,3 +388,60 @@ def test_many_tiles_per_block(K, B, H, Q, dtype):
         err = (got.double() - ref[b, h, i]).abs().nan_to_num(nan=float("inf")).max().item()
         assert err <= bound, f"{kwargs.keys()}: max error {err:.3e} > {bound:.3e}"
         assert torch.isfinite(out).all()
+
+
+# Operand rows staged in shared memory beside the scores (per row, per (batch, head), per batch)
+# or read from global memory: the same bits. TP_SOFTMAX_STAGE_OPERANDS=0 turns staging off;
+# TP_SOFTMAX_LAUNCH_INFO=1 reports the layout each launch chose, so the test knows which path ran.
+STAGING_CASES = [
+    # name, dtype, B, H, Q, K, causal, window, alibi layout, mask layout / dtype, expected (mask, bias)
+    ("decode", torch.float16, 8, 4, 1, 4096, False, None, "bh1k", ("B11K", torch.bool), ("per batch", "per row")),
+    ("decode-f32", torch.float32, 6, 3, 1, 1024, False, None, "bh1k", ("B11K", torch.bool), ("per batch", "per row")),
+    ("prefill", torch.float16, 2, 3, 37, 1024, True, None, "bh1k", ("B11K", torch.bool), ("per head", "per head")),
+    # 4 rows per tile: operand rows shared over queries stay in global memory (docs/perf.md, v11)
+    ("prefill-few-rows", torch.float16, 2, 3, 37, 2048, True, None, "bh1k", ("B11K", torch.bool),
+     ("global", "global")),
+    ("prefill-bf16", torch.bfloat16, 2, 3, 37, 1024, True, None, None, ("B11K", torch.bool), ("per head", "none")),
+    ("short-rows", torch.float16, 3, 2, 5, 512, False, None, None, ("B11K", torch.bool), ("per head", "none")),
+    ("window", torch.float16, 2, 2, 300, 1024, True, 100, "bh1k", ("B11K", torch.float16), ("per head", "per head")),
+    ("f32-alibi", torch.float32, 2, 2, 70, 512, True, None, "bh1k", None, ("none", "per head")),
+    ("own-rows", torch.bfloat16, 2, 2, 9, 512, True, None, "bhqk", ("BHQK", torch.bool), ("per row", "per row")),
+    ("cluster", torch.float16, 1, 2, 3, 20000, True, None, "bhqk", ("BHQK", torch.bool), ("per row", "per row")),
+    ("cluster-decode", torch.bfloat16, 2, 3, 1, 65536, False, None, "bh1k", ("B11K", torch.bool),
+     ("per batch", "per row")),
+    # a bool mask row of 1032 bytes is not whole 16-byte units: it stays in global memory
+    ("odd-mask", torch.float16, 2, 2, 4, 1032, False, None, "bhqk", ("B11K", torch.bool), ("global", "per row")),
+]
+
+
+@pytest.mark.parametrize("case", STAGING_CASES, ids=lambda c: c[0])
+def test_staged_operands_same_bits_as_global(case, capfd, monkeypatch):
+    name, dtype, B, H, Q, K, causal, window, alibi_lay, mask_lay, expect = case
+    gen = torch.Generator(device="cuda").manual_seed(K + Q)
+    H_total = H + 1
+    scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).mul_(4).to(dtype)
+    kwargs = dict(causal=causal, window=window, head_offset=1, layer_scale=0.5)
+    if alibi_lay == "bh1k":
+        kwargs["alibi"] = torch.randn(B * H_total, 1, K, device="cuda", generator=gen).to(dtype)
+    elif alibi_lay == "bhqk":
+        kwargs["alibi"] = torch.randn(B * H_total, Q, K, device="cuda", generator=gen).to(dtype)
+    if mask_lay is not None:
+        shape = (B, 1, 1, K) if mask_lay[0] == "B11K" else (B, H, Q, K)
+        if mask_lay[1] == torch.bool:
+            kwargs["mask"] = torch.rand(shape, device="cuda", generator=gen) > 0.3
+        else:
+            kwargs["mask"] = (torch.randn(shape, device="cuda", generator=gen) * 3).to(mask_lay[1])
+    monkeypatch.setenv("TP_SOFTMAX_LAUNCH_INFO", "1")
+    capfd.readouterr()
+    staged = poisoned_call(scores, **kwargs)
+    layout = [ln for ln in capfd.readouterr().err.splitlines() if "staged layout" in ln]
+    assert layout and f"mask {expect[0]}, bias {expect[1]}," in layout[-1], layout
+    # whole rows, contiguous, none hidden, each filling its slot: the tile's scores are one copy
+    assert ("one copy per tile" in layout[-1]) == (name in ("decode", "decode-f32", "short-rows")), layout
+    monkeypatch.setenv("TP_SOFTMAX_STAGE_OPERANDS", "0")
+    plain = poisoned_call(scores, **kwargs)
+    layout = [ln for ln in capfd.readouterr().err.splitlines() if "staged layout" in ln]
+    assert layout and "mask per" not in layout[-1] and "bias per" not in layout[-1], layout
+    assert torch.equal(staged.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       plain.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    check(staged, (scores,), kwargs, dtype)

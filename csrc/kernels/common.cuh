@@ -211,16 +211,18 @@ __device__ __forceinline__ float op_value(OT v) {
   }
 }
 
-// x for the V keys of chunk j0 from the scores `sv` already read and 16-byte (bool: V-byte)
-// reads of operands that run along K with stride 1 (the aligned kernels' operands).
+// x for the V keys of chunk j0 from the scores `sv` already read and the chunk's operands read
+// as one vector each from `mc` / `bc` (global or shared memory: the mask and bias elements of
+// keys j0 .. j0 + V - 1).
 template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
-__device__ __forceinline__ void chunk_logits_along_k(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
-                                                     const float (&sv)[V], float (&x)[V]) {
+__device__ __forceinline__ void chunk_logits_from(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
+                                                  const float (&sv)[V], const typename Row<T, MK, BK, Pos>::MaskT* mc,
+                                                  const typename Row<T, MK, BK, Pos>::BiasT* bc, float (&x)[V]) {
   using R = Row<T, MK, BK, Pos>;
   Vec<typename R::MaskT, V> m;
   Vec<typename R::BiasT, V> b;
-  if constexpr (R::kMask) m = *reinterpret_cast<const Vec<typename R::MaskT, V>*>(r.mask + j0);
-  if constexpr (R::kBias) b = *reinterpret_cast<const Vec<typename R::BiasT, V>*>(r.bias + j0);
+  if constexpr (R::kMask) m = *reinterpret_cast<const Vec<typename R::MaskT, V>*>(mc);
+  if constexpr (R::kBias) b = *reinterpret_cast<const Vec<typename R::BiasT, V>*>(bc);
 #pragma unroll
   for (int e = 0; e < V; ++e) {
     const float bb = R::kBias ? op_value(b.v[e]) : 0.0f;
@@ -228,6 +230,14 @@ __device__ __forceinline__ void chunk_logits_along_k(const SoftmaxParams& P, con
     x[e] = form_value<MK, BK, Pos>(sv[e], P.layer_scale, bb, mm, r.slope, r.p, j0 + e);
   }
   hide_outside<V, Pos>(x, j0, r.lo, r.hi);
+}
+
+// x for the V keys of chunk j0 from the scores `sv` already read and 16-byte (bool: V-byte)
+// reads of operands that run along K with stride 1 (the aligned kernels' operands).
+template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
+__device__ __forceinline__ void chunk_logits_along_k(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
+                                                     const float (&sv)[V], float (&x)[V]) {
+  chunk_logits_from<T, MK, BK, V, Pos>(P, r, j0, sv, r.mask + j0, r.bias + j0, x);
 }
 
 // 16 bytes read once / written once: evict-first in the caches.
@@ -327,6 +337,15 @@ __device__ __forceinline__ void mbar_fence_init() {
 
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// Raises the transaction count of the barrier's current phase (the bytes a copy will complete).
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {

@@ -33,11 +33,12 @@ inline cudaLaunchConfig_t cluster_launch_config(int64_t blocks, int threads, int
 }
 
 // Blocks of `kernel` (in units of `cluster`) that are resident at once on the current device;
-// the function attributes are set on the first call per kernel, device and cluster size.
+// the function attributes are set on the first call per kernel, device, cluster size and dynamic
+// shared memory size.
 inline cudaError_t resident_units(const void* kernel, int threads, int smem, int cluster, int64_t& units) {
   struct Entry {
     const void* kernel;
-    int device, cluster;
+    int device, cluster, smem;
     int64_t units;
   };
   static std::mutex mu;
@@ -48,12 +49,13 @@ inline cudaError_t resident_units(const void* kernel, int threads, int smem, int
   if (e != cudaSuccess) return e;
   std::lock_guard<std::mutex> lock(mu);
   for (int i = 0; i < used; ++i)
-    if (cache[i].kernel == kernel && cache[i].device == dev && cache[i].cluster == cluster) {
+    if (cache[i].kernel == kernel && cache[i].device == dev && cache[i].cluster == cluster && cache[i].smem == smem) {
       units = cache[i].units;
       return cudaSuccess;
     }
   if (smem > 0) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    // The largest size any launch of the kernel asks for (the layout depends on the operands).
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStagedSmemBudget);
     if (e != cudaSuccess) return e;
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
     if (e != cudaSuccess) return e;
@@ -81,7 +83,7 @@ inline cudaError_t resident_units(const void* kernel, int threads, int smem, int
   if (std::getenv("TP_SOFTMAX_LAUNCH_INFO") != nullptr)
     std::fprintf(stderr, "tp_softmax launch: device %d, %d SMs, cluster %d, %d threads, %d B dynamic smem: %lld units resident\n",
                  dev, sms, cluster, threads, smem, static_cast<long long>(units));
-  if (used < 256) cache[used++] = {kernel, dev, cluster, units};
+  if (used < 256) cache[used++] = {kernel, dev, cluster, smem, units};
   return cudaSuccess;
 }
 
@@ -117,7 +119,16 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
                                          : staged_softmax_kernel<T, MK, BK, C, true, false>)
                             : (clustered ? staged_softmax_kernel<T, MK, BK, C, false, true>
                                          : staged_softmax_kernel<T, MK, BK, C, false, false>);
-      const int smem = aligned ? kStagedSmemBytes : 0;
+      const StageLayout L = aligned ? staged_layout<T, MK, BK, C>(p, cfg.row_threads, cfg.cluster)
+                                    : StageLayout{0, 0, kOpGlobal, kOpGlobal, 0, 0, 0};
+      const int smem = L.stages * L.stage_bytes;
+      if (aligned && std::getenv("TP_SOFTMAX_LAUNCH_INFO") != nullptr) {
+        static const char* const kModes[] = {"global", "per row", "per head", "per batch"};
+        std::fprintf(stderr, "tp_softmax staged layout: mask %s, bias %s, %d stages of %d B%s\n",
+                     MK == MaskKind::kNone ? "none" : kModes[L.mask_mode + 1],
+                     bias_is_tensor(BK) ? kModes[L.bias_mode + 1] : "none", L.stages, L.stage_bytes,
+                     L.whole_tile ? ", one copy per tile" : "");
+      }
       const int64_t rows_per_tile = kStagedThreads / cfg.row_threads;
       const int64_t ntiles = (rows + rows_per_tile - 1) / rows_per_tile;
       int64_t units = 0;
@@ -126,7 +137,7 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
       if (e != cudaSuccess) return e;
       if (units > ntiles) units = ntiles;
       return launch_clustered(kernel, units * cfg.cluster, kStagedThreads, smem, cfg.cluster, stream, p,
-                              cfg.row_threads, cfg.cluster, ntiles);
+                              cfg.row_threads, cfg.cluster, ntiles, L);
     });
   });
 }

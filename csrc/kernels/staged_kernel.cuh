@@ -4,8 +4,9 @@
 // 32 KiB of scores: R = 256 / rt rows of rt * 8 sixteen-byte chunks each (rt threads per row,
 // a power of two up to 256), or, for rows longer than 32 KiB, one 32 KiB slice of a row for
 // each block of a thread-block cluster of up to 16 blocks. Warp 0 copies the visible part of
-// each row of a tile into one of three shared-memory stages with `cp.async.bulk`, completing on
-// the stage's mbarrier, so three tiles are in flight while a tile is computed. Thread `lane` of
+// each row of a tile into one of 2 to 6 shared-memory stages with `cp.async.bulk`, completing on
+// the stage's mbarrier, so that tiles are in flight while a tile is computed; with them, where it
+// pays, the mask / bias rows the tile reads (StageLayout). Thread `lane` of
 // a row takes chunks c * rt + lane (c < 8) of its slice: it forms their logits once (kept in
 // registers when the row has at most one mask / bias tensor), reduces an online max / sum, and
 // writes the outputs with 16-byte stores; hidden chunks (causal, window) are never read and are
@@ -18,13 +19,16 @@
 // are the same.
 #pragma once
 
+#include <cstdlib>
+
 #include "common.cuh"
 
 namespace tp_softmax {
 namespace detail {
 
 constexpr int kStagedThreads = 256;
-constexpr int kStagedSmemBytes = 96 * 1024;  // dynamic shared memory (aligned path): the stages
+constexpr int kStagedSmemBytes = 96 * 1024;    // the score tiles' stages (aligned path)
+constexpr int kStagedSmemBudget = 110 * 1024;  // at most, with staged operand rows (two blocks/SM)
 constexpr int kMaxStages = 6;
 
 // C chunks per thread: 8 (32 KiB tiles, 3 stages), or 4 (16 KiB tiles, 6 stages) for rows that
@@ -35,6 +39,24 @@ struct TileGeometry {
   static constexpr int kTileBytes = kStagedThreads * C * 16;
   static constexpr int kStages = kStagedSmemBytes / kTileBytes;
   static_assert(kStages >= 2 && kStages <= kMaxStages, "stage count");
+};
+
+// Where the chunks of a tile's mask / bias rows are read from: global memory, or rows the copy
+// warp staged beside the scores, one per tile row (kOpPerRow), per (batch, head) (kOpPerHead: the
+// operand is broadcast over queries) or per batch (kOpPerBatch: Q == 1 and broadcast over heads).
+enum OpMode : int { kOpGlobal = -1, kOpPerRow = 0, kOpPerHead = 1, kOpPerBatch = 2 };
+
+// A stage: the score tile, then the staged mask rows, then the staged bias rows. Operands are
+// staged where their rows are 16-byte aligned and whole 16-byte units, and while at least two
+// stages fit the budget (staged_layout); otherwise they are read from global memory (and
+// L2-prefetched when each row has its own). Staging changes only where a value is read, never the
+// arithmetic: the bits are the same either way.
+struct StageLayout {
+  int stages;       // 2 .. kMaxStages
+  int stage_bytes;  // a multiple of 128
+  int mask_mode, bias_mode;
+  int mask_off, bias_off;  // byte offsets of the operand regions in a stage
+  int whole_tile;          // a tile's scores are one contiguous run of whole rows: one copy
 };
 
 struct StagedScratch {
@@ -84,13 +106,13 @@ struct TileShape {
 };
 
 // The visible chunks [c0, c1) of piece `pc` of a row slot (local start `l0`); false if none.
-__device__ __forceinline__ bool piece_chunks(const RowSpan<int>& sp, const TileShape& ts, int V, int pc, int& c0,
-                                            int& c1, int& l0) {
-  if (sp.lo > sp.hi) return false;
+__device__ __forceinline__ bool piece_chunks(int lo, int hi, const TileShape& ts, int V, int pc, int& c0, int& c1,
+                                            int& l0) {
+  if (lo > hi) return false;
   const int len = ts.pieces == 1 ? ts.slot : ts.rt;
   l0 = pc * len;
   const int g0 = ts.chunk_of(l0);
-  const int lo_c = sp.lo / V, hi_c = sp.hi / V + 1;
+  const int lo_c = lo / V, hi_c = hi / V + 1;
   const int end = g0 + len < ts.nchunks ? g0 + len : ts.nchunks;
   c0 = lo_c > g0 ? lo_c : g0;
   c1 = hi_c < end ? hi_c : end;
@@ -106,49 +128,195 @@ __device__ __forceinline__ void prefetch_l2(const void* begin, const void* end) 
                  : "memory");
 }
 
-// Warp 0: copy the visible chunks of tile `t` into the stage at `stage` (completing on `bar`), and
-// prefetch into L2 the visible parts of the tile's mask / bias rows where each row has its own.
-// (Operands reach this kernel only with stride 1 along K: rows_vectorisable.)
+__device__ __forceinline__ uint64_t evict_normal_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+
+// One bulk copy into a stage; the stage's barrier first expects its bytes.
+__device__ __forceinline__ void stage_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
+                                           uint64_t policy) {
+  mbar_expect_tx(bar, bytes);
+  bulk_copy(dst, src, bytes, bar, policy);
+}
+
+// Chunks [c0, c1) (slot position l0) of an operand row into its staged row `dst_row`, widened to
+// whole 16-byte units (the host stages an operand only when its rows are made of whole units, so
+// the widened range stays inside the row, and inside the slot's piece).
+template <int V, typename OT>
+__device__ __forceinline__ void stage_operand(const OT* row, int c0, int c1, int l0, uint8_t* dst_row, uint32_t bar,
+                                              uint64_t policy) {
+  constexpr int kChunkBytes = V * static_cast<int>(sizeof(OT));
+  constexpr int g = kChunkBytes >= 16 ? 1 : 16 / kChunkBytes;  // chunks per 16-byte unit
+  const int a = c0 & -g, e = (c1 + g - 1) & -g;
+  stage_copy(smem_u32(dst_row + (l0 - (c0 - a)) * kChunkBytes), row + static_cast<int64_t>(a) * V,
+             static_cast<uint32_t>((e - a) * kChunkBytes), bar, policy);
+}
+
+// Whether tile row `rr` (`r`) is the first row of its operand group in the tile.
+__device__ __forceinline__ bool group_start(int mode, const RowSpan<int>& r, int rr) {
+  return rr == 0 || (mode == kOpPerHead ? r.i == 0 : r.h == 0);
+}
+
+// Staged operand rows of a grouped mode: the lane of the group's first row in the tile copies
+// the visible span of the group's rows in the tile, from that row's lo to the hi of the group's
+// last row in the tile (lo and hi grow with the query), into operand row `d` of the stage.
+template <int V, typename OT>
+__device__ __forceinline__ void stage_group(const SoftmaxParams& P, const TileShape& ts, int mode, const OT* src,
+                                            const RowSpan<int>& r, int64_t row, int64_t last, int d, int pc,
+                                            uint8_t* region, int row_bytes, uint32_t bar) {
+  int hi = r.hi;
+  if (mode == kOpPerHead) {
+    const int64_t rest = P.Q - 1 - r.i < last - row ? P.Q - 1 - r.i : last - row;  // later rows of the group
+    const int p_last = r.p + static_cast<int>(rest);
+    const int k1 = static_cast<int>(P.K) - 1;
+    hi = P.causal ? (p_last < k1 ? p_last : k1) : k1;
+  }  // kOpPerBatch: Q == 1, every row of the group has the same span
+  int c0, c1, l0;
+  if (piece_chunks(r.lo, hi, ts, V, pc, c0, c1, l0))
+    stage_operand<V>(src, c0, c1, l0, region + d * row_bytes, bar, evict_normal_policy());
+}
+
+// Warp 0: copy tile `t` into the stage at `stage` (completing on `bar`): the visible chunks of
+// each row's scores, and the operand rows that are staged: per row (the row's visible chunks) or
+// per group (stage_group; a group's operand row in the stage is its ordinal in the tile, counted
+// with warp ballots). Operand rows read from global memory that each row has of its own are
+// prefetched into L2 instead. Each lane raises the barrier's transaction count before each of its
+// copies; lane 0 arrives once all have. (Operands reach this kernel only with stride 1 along K:
+// rows_vectorisable.)
 template <typename T, MaskKind MK, BiasKind BK>
-__device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileShape& ts, int64_t t, int64_t rows,
-                                           uint8_t* stage, uint32_t bar) {
+__device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileShape& ts, const StageLayout& L,
+                                           int64_t t, int64_t rows, uint8_t* stage, uint32_t bar) {
   constexpr int V = 16 / sizeof(T);
   using R = Row<T, MK, BK, int>;
-  const uint64_t policy = evict_first_policy();
+  const int mask_row_bytes = ts.slot * V * static_cast<int>(sizeof(typename R::MaskT));
+  const int bias_row_bytes = ts.slot * V * static_cast<int>(sizeof(typename R::BiasT));
+  const uint64_t once = evict_first_policy();
   const int lane = threadIdx.x & 31;
+  const unsigned below = (1u << lane) - 1u;
+  const int64_t first = t * ts.rows;
+  const int64_t last = (first + ts.rows < rows ? first + ts.rows : rows) - 1;
   const int jobs = ts.rows * ts.pieces;  // (row, piece) pairs; pieces is 1 or rows is 1
-  uint32_t bytes = 0;
-  for (int j = lane; j < jobs; j += 32) {
+  int mask_groups = 0, bias_groups = 0;  // groups that started in earlier passes
+  if (L.whole_tile && lane == 0)
+    stage_copy(smem_u32(stage), static_cast<const T*>(P.in) + first * P.K,
+               static_cast<uint32_t>((last - first + 1) * P.K * static_cast<int64_t>(sizeof(T))), bar, once);
+  for (int base = 0; base < jobs; base += 32) {
+    const int j = base + lane;
     const int rr = ts.pieces == 1 ? j : 0, pc = ts.pieces == 1 ? 0 : j;
-    const int64_t row = t * ts.rows + rr;
-    if (row >= rows) break;
-    int c0, c1, l0;
-    if (piece_chunks(RowSpan<int>(P, row), ts, V, pc, c0, c1, l0))
-      bytes += static_cast<uint32_t>(c1 - c0) * 16u;
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) bytes += __shfl_xor_sync(0xffffffffu, bytes, off);
-  if (lane == 0) mbar_arrive_expect_tx(bar, bytes);
-  __syncwarp();
-  for (int j = lane; j < jobs; j += 32) {
-    const int rr = ts.pieces == 1 ? j : 0, pc = ts.pieces == 1 ? 0 : j;
-    const int64_t row = t * ts.rows + rr;
-    if (row >= rows) break;
+    const bool valid = j < jobs && first + rr <= last;
+    if (!__any_sync(0xffffffffu, valid)) break;
+    const int64_t row = valid ? first + rr : first;
     const R r(P, row);
-    int c0, c1, l0;
-    if (!piece_chunks(r, ts, V, pc, c0, c1, l0)) continue;
-    const uint32_t dst = smem_u32(stage + (static_cast<size_t>(rr) * ts.slot + l0) * 16);
-    bulk_copy(dst, r.in + static_cast<int64_t>(c0) * V, static_cast<uint32_t>(c1 - c0) * 16u, bar, policy);
-    // Operand rows of their own (not broadcast over queries): prefetch the visible part into L2.
-    // A row broadcast over queries is read by many tiles and stays in L2; prefetching it again
-    // for every tile cost more than it saved (docs/perf.md, v10).
     if constexpr (R::kMask) {
-      if (P.mask_stride[2] != 0)
-        prefetch_l2(r.mask + static_cast<int64_t>(c0) * V, r.mask + static_cast<int64_t>(c1) * V);
+      if (L.mask_mode > kOpPerRow) {
+        const bool start = valid && group_start(L.mask_mode, r, rr);
+        const unsigned starts = __ballot_sync(0xffffffffu, start);
+        const int d = ts.pieces == 1 ? mask_groups + __popc(starts & below) : 0;
+        mask_groups += __popc(starts);
+        if (start)
+          stage_group<V>(P, ts, L.mask_mode, r.mask, r, row, last, d, pc, stage + L.mask_off, mask_row_bytes, bar);
+      }
     }
     if constexpr (R::kBias) {
-      if (P.bias_stride[2] != 0)
+      if (L.bias_mode > kOpPerRow) {
+        const bool start = valid && group_start(L.bias_mode, r, rr);
+        const unsigned starts = __ballot_sync(0xffffffffu, start);
+        const int d = ts.pieces == 1 ? bias_groups + __popc(starts & below) : 0;
+        bias_groups += __popc(starts);
+        if (start)
+          stage_group<V>(P, ts, L.bias_mode, r.bias, r, row, last, d, pc, stage + L.bias_off, bias_row_bytes, bar);
+      }
+    }
+    int c0, c1, l0;
+    if (!valid || !piece_chunks(r.lo, r.hi, ts, V, pc, c0, c1, l0)) continue;
+    if (!L.whole_tile)
+      stage_copy(smem_u32(stage + (static_cast<size_t>(rr) * ts.slot + l0) * 16), r.in + static_cast<int64_t>(c0) * V,
+                 static_cast<uint32_t>(c1 - c0) * 16u, bar, once);
+    // Operand rows of their own: staged beside the scores, or prefetched into L2 (their visible
+    // part). A row broadcast over queries that is not staged is read by many tiles and stays in
+    // L2; prefetching it again for every tile cost more than it saved (docs/perf.md, v10).
+    if constexpr (R::kMask) {
+      if (L.mask_mode == kOpPerRow) {
+        stage_operand<V>(r.mask, c0, c1, l0, stage + L.mask_off + rr * mask_row_bytes, bar, once);
+      } else if (L.mask_mode == kOpGlobal && P.mask_stride[2] != 0) {
+        prefetch_l2(r.mask + static_cast<int64_t>(c0) * V, r.mask + static_cast<int64_t>(c1) * V);
+      }
+    }
+    if constexpr (R::kBias) {
+      if (L.bias_mode == kOpPerRow) {
+        stage_operand<V>(r.bias, c0, c1, l0, stage + L.bias_off + rr * bias_row_bytes, bar, once);
+      } else if (L.bias_mode == kOpGlobal && P.bias_stride[2] != 0) {
         prefetch_l2(r.bias + static_cast<int64_t>(c0) * V, r.bias + static_cast<int64_t>(c1) * V);
+      }
+    }
+  }
+  __syncwarp();
+  if (lane == 0) mbar_arrive(bar);
+}
+
+// ---- host: the stage layout ---------------------------------------------------------------------
+// An operand can be staged when its rows are whole, 16-byte aligned 16-byte units.
+inline bool operand_rows_in_units(const void* ptr, const int64_t* stride, int64_t K, int64_t elem_bytes) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0 || (K * elem_bytes) % 16 != 0) return false;
+  for (int d = 0; d < 3; ++d)
+    if ((stride[d] * elem_bytes) % 16 != 0) return false;
+  return true;
+}
+
+inline int operand_mode(const SoftmaxParams& p, const void* ptr, const int64_t* stride, int64_t elem_bytes) {
+  if (std::getenv("TP_SOFTMAX_STAGE_OPERANDS") != nullptr && std::getenv("TP_SOFTMAX_STAGE_OPERANDS")[0] == '0')
+    return kOpGlobal;
+  if (!operand_rows_in_units(ptr, stride, p.K, elem_bytes)) return kOpGlobal;
+  if (p.Q == 1) return stride[1] == 0 ? kOpPerBatch : kOpPerRow;
+  return stride[2] == 0 ? kOpPerHead : kOpPerRow;
+}
+
+// Rows of `rt` threads (aligned path): which operands are staged, the stage size and count.
+// TP_SOFTMAX_STAGE_OPERANDS=0 reads every operand from global memory (for comparisons: the
+// results are the same bits).
+template <typename T, MaskKind MK, BiasKind BK, int C>
+StageLayout staged_layout(const SoftmaxParams& p, int rt, int cluster) {
+  using R = Row<T, MK, BK, int>;
+  constexpr int64_t V = 16 / sizeof(T);
+  constexpr int64_t kTile = TileGeometry<C>::kTileBytes;
+  const int64_t rows = kStagedThreads / rt, slot = int64_t{rt} * C;
+  int mm = R::kMask ? operand_mode(p, p.mask, p.mask_stride, sizeof(typename R::MaskT)) : kOpGlobal;
+  int bm = R::kBias ? operand_mode(p, p.bias, p.bias_stride, sizeof(typename R::BiasT)) : kOpGlobal;
+  // An operand row shared over queries is staged only for tiles of 8 rows or more: with fewer,
+  // its copies lengthen the copy warp's turn (the block waits for it at the next barrier) by more
+  // than the reads they save, which mostly hit L1 (BLOOM prefill: 4 rows a tile, efficiency 0.60
+  // staged against 0.69; docs/perf.md, v11). Per-batch rows (Q == 1) are staged regardless.
+  if (rows < 8 && mm == kOpPerHead) mm = kOpGlobal;
+  if (rows < 8 && bm == kOpPerHead) bm = kOpGlobal;
+  auto region = [&](int mode, int64_t elem_bytes) -> int64_t {
+    if (mode == kOpGlobal) return 0;
+    // Operand rows per tile: tiles start at multiples of `rows`, groups at multiples of u.
+    const int64_t u = mode == kOpPerHead ? p.Q : mode == kOpPerBatch ? p.H : 1;  // rows per operand row
+    int64_t n = (rows - 1) / u + 2 < rows ? (rows - 1) / u + 2 : rows;
+    if (u % rows == 0) n = 1;
+    if (rows % u == 0) n = rows / u;
+    return n * slot * V * elem_bytes;
+  };
+  // Every row whole and visible (with Q == 1 a causal row sees every key), rows contiguous, a row
+  // filling its slot: a tile is one run of memory.
+  const bool whole = cluster == 1 && (!p.causal || p.Q == 1) && p.window == 0 && p.K / V == slot &&
+                     p.in_stride[2] == p.K &&
+                     p.in_stride[1] == p.Q * p.K && (p.B == 1 || p.in_stride[0] == p.H * p.Q * p.K);
+  for (;;) {
+    const int64_t mb = region(mm, sizeof(typename R::MaskT)), bb = region(bm, sizeof(typename R::BiasT));
+    if (mb + bb == 0) return {TileGeometry<C>::kStages, static_cast<int>(kTile), kOpGlobal, kOpGlobal, 0, 0, whole};
+    const int64_t total = (kTile + mb + bb + 127) / 128 * 128;
+    if (kStagedSmemBudget / total >= 2) {
+      const int64_t n = kStagedSmemBudget / total;
+      return {static_cast<int>(n < kMaxStages ? n : kMaxStages), static_cast<int>(total), mm, bm,
+              static_cast<int>(kTile), static_cast<int>(kTile + mb), whole};
+    }
+    if (mb >= bb) {
+      mm = kOpGlobal;  // the larger region goes back to global memory
+    } else {
+      bm = kOpGlobal;
     }
   }
 }
@@ -159,11 +327,11 @@ __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileSha
 // `cluster` is 1 (a template parameter so that rows of one block carry none of the exchange).
 template <typename T, MaskKind MK, BiasKind BK, int C, bool ALIGNED, bool CLUSTER>
 __global__ void __launch_bounds__(kStagedThreads, 2)
-staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t ntiles) {
+staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t ntiles, const StageLayout L) {
   constexpr int V = 16 / sizeof(T);
-  constexpr int kTileBytes = TileGeometry<C>::kTileBytes;
-  constexpr int kStages = TileGeometry<C>::kStages;
   using R = Row<T, MK, BK, int>;
+  using MaskT = typename R::MaskT;
+  using BiasT = typename R::BiasT;
   // The logits stay in registers between the reduction and the write (C * V floats: 64 at most,
   // and 32 where mask / bias chunks need registers too), so a stage is released as soon as it is
   // read.
@@ -193,7 +361,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
 
   if (tid == 0) {
     if constexpr (ALIGNED) {
-      for (int s = 0; s < kStages; ++s) mbar_init(smem_u32(&sh.full[s]), 1);
+      for (int s = 0; s < L.stages; ++s) mbar_init(smem_u32(&sh.full[s]), 1);
       ts_shared = ts;  // warp 0 reads the tile shape from here, not from registers held all along
     }
     if (CLUSTER) sh.xc.init();
@@ -207,24 +375,66 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   }
   if constexpr (ALIGNED) {
     if (warp == 0) {
-      for (int s = 0; s < kStages; ++s) {
+      for (int s = 0; s < L.stages; ++s) {
         const int64_t t = unit + s * nunits;
-        if (t < ntiles) issue_tile<T, MK, BK>(P, ts_shared, t, rows, stage_mem + s * kTileBytes, smem_u32(&sh.full[s]));
+        if (t < ntiles)
+          issue_tile<T, MK, BK>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes, smem_u32(&sh.full[s]));
       }
     }
   }
 
-  int k = 0;
+  int k = 0;           // tiles done by this block
+  int s = 0;           // their stage
+  uint32_t phase = 0;  // and the parity of the stage's barrier phase
   for (int64_t t = unit; t < ntiles; t += nunits, ++k) {
-    const int s = k % kStages;
     // Slot position c * rt + lane holds chunk c * ch_step + ch_base of the row (recomputed per
     // tile from the launch parameters rather than held in registers across the loop).
-    const int ch_base = ts.rank * rt + lane;
-    const int ch_step = cluster * rt;
+    // (`rt` and `lane` are made opaque per tile: otherwise the C slot positions and chunk indices
+    // are hoisted out of the tile loop, held in registers all along, and spilled.)
+    int t_rt = rt, t_lane = lane;
+    asm volatile("" : "+r"(t_rt), "+r"(t_lane));
+    const int ch_base = ts.rank * t_rt + t_lane;
+    const int ch_step = cluster * t_rt;
     const int64_t row = t * ts.rows + row_in_tile;
     const bool active = row < rows;
     const R r(P, active ? row : 0);
-    const uint8_t* my_slot = stage_mem + s * kTileBytes + static_cast<size_t>(row_in_tile) * ts.slot * 16;
+    const uint8_t* stage = stage_mem + s * L.stage_bytes;
+    const uint8_t* my_slot = stage + static_cast<size_t>(row_in_tile) * ts.slot * 16;
+    // Where chunk c's operands are: at element (c * step + ofs) * V of `*_src`, a staged row (slot
+    // position c * rt + lane) or the row in global memory (chunk c * ch_step + ch_base).
+    const MaskT* mask_src = nullptr;
+    const BiasT* bias_src = nullptr;
+    int mask_step = ch_step, mask_ofs = ch_base, bias_step = ch_step, bias_ofs = ch_base;
+    if constexpr (ALIGNED && (R::kMask || R::kBias)) {
+      // The staged operand row of this thread's row: its group's ordinal in the tile. The row is
+      // row `idx` of its group (the query, or with Q == 1 the head), so the group started before
+      // the tile's first row iff idx >= row_in_tile; else 1 + (row_in_tile - idx - 1) / u groups
+      // started in the tile up to here.
+      auto staged_row = [&](int mode) -> int {
+        if (mode == kOpPerRow) return row_in_tile;
+        const int64_t idx = mode == kOpPerHead ? r.i : r.h;
+        const int64_t u = mode == kOpPerHead ? P.Q : P.H;
+        if (idx >= row_in_tile) return 0;
+        const int over = row_in_tile - static_cast<int>(idx) - 1;  // < rows per tile
+        return 1 + (u > over ? 0 : over / static_cast<int>(u));
+      };
+      if (R::kMask && L.mask_mode != kOpGlobal) {
+        const int row_bytes = ts.slot * V * static_cast<int>(sizeof(MaskT));
+        mask_src = reinterpret_cast<const MaskT*>(stage + L.mask_off + staged_row(L.mask_mode) * row_bytes);
+        mask_step = t_rt;
+        mask_ofs = t_lane;
+      } else {
+        mask_src = r.mask;
+      }
+      if (R::kBias && L.bias_mode != kOpGlobal) {
+        const int row_bytes = ts.slot * V * static_cast<int>(sizeof(BiasT));
+        bias_src = reinterpret_cast<const BiasT*>(stage + L.bias_off + staged_row(L.bias_mode) * row_bytes);
+        bias_step = t_rt;
+        bias_ofs = t_lane;
+      } else {
+        bias_src = r.bias;
+      }
+    }
 
     bool vis[C];
 #pragma unroll
@@ -233,7 +443,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       vis[c] = active && ch < ts.nchunks && r.visible(ch * V, V);
     }
 
-    if constexpr (ALIGNED) mbar_wait(smem_u32(&sh.full[s]), static_cast<uint32_t>((k / kStages) & 1));
+    if constexpr (ALIGNED) mbar_wait(smem_u32(&sh.full[s]), phase);
 
     // Logits, kept in registers; then the thread's partial: its max over all its chunks, then
     // e = exp(x - max) in place and their sum. Max and sum run in 4 independent accumulators
@@ -249,8 +459,9 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       const int j0 = (c * ch_step + ch_base) * V;
       if constexpr (ALIGNED) {
         float sv[V];
-        unpack_chunk<T>(lds128(my_slot + static_cast<size_t>(c * rt + lane) * 16), sv);
-        chunk_logits_along_k<T, MK, BK, V, int>(P, r, j0, sv, kept[c]);
+        unpack_chunk<T>(lds128(my_slot + static_cast<size_t>(c * t_rt + t_lane) * 16), sv);
+        chunk_logits_from<T, MK, BK, V, int>(P, r, j0, sv, mask_src + (c * mask_step + mask_ofs) * V,
+                                             bias_src + (c * bias_step + bias_ofs) * V, kept[c]);
       } else {
         chunk_logits_strided<T, MK, BK, V, int>(P, r, j0, kept[c]);
       }
@@ -284,12 +495,6 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       sh.warp_sum[par][warp] = st.s;
     }
     if (block_rows || ALIGNED) __syncthreads();
-    if constexpr (ALIGNED) {
-      // Every thread is done with stage s: refill it.
-      const int64_t t2 = t + kStages * nunits;
-      if (warp == 0 && t2 < ntiles)
-        issue_tile<T, MK, BK>(P, ts_shared, t2, rows, stage_mem + s * kTileBytes, smem_u32(&sh.full[s]));
-    }
     if (block_rows) st = combine_warps(sh.warp_max[par], sh.warp_sum[par], row_in_tile * (rt >> 5), rt >> 5);
     if constexpr (CLUSTER) st = sh.xc.combine(st, cluster, k);
 
@@ -314,6 +519,17 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         store_streaming(r.out + ch * V, pack_chunk<T>(y));
       } else {
         store_strided<T, V, int>(r.out, P.out_stride[3], ch * V, static_cast<int>(P.K), y);
+      }
+    }
+    if constexpr (ALIGNED) {
+      // Every thread was done with stage s at the barrier above: refill it. (Here, not right after
+      // the barrier, where the copy warp's work would add to the registers that hold the logits.)
+      const int64_t t2 = t + L.stages * nunits;
+      if (warp == 0 && t2 < ntiles)
+        issue_tile<T, MK, BK>(P, ts_shared, L, t2, rows, stage_mem + s * L.stage_bytes, smem_u32(&sh.full[s]));
+      if (++s == L.stages) {
+        s = 0;
+        phase ^= 1u;
       }
     }
   }
