@@ -5,10 +5,10 @@
 Fails when a file does not compile, or when a hot variant spills registers or uses a stack
 frame beyond 8 bytes. Hot variants: the one-read (staged) kernel with 16-byte aligned rows, which
 every contiguous tensor with K a multiple of the vector width takes, with and without a cluster.
-The allowed exception is reported: at most 8 bytes of stack (the 16-bit one-block variants with a
-bool mask and no alibi tensor keep two values there, stored before the tile loop and reloaded once
-per tile, outside the chunk loops). The strided/unaligned and streaming (two-read) variants are
-reported but allowed to spill.
+The allowed exception is reported: at most 8 bytes of stack (one or two values stored before the
+tile loop and reloaded once per tile, outside the chunk loops; no hot variant needs it at present,
+earlier versions did). The strided/unaligned and streaming (two-read) variants are reported but
+allowed to spill.
 """
 
 import argparse

@@ -110,11 +110,16 @@ struct RowSpan {
   __device__ __forceinline__ RowSpan(const SoftmaxParams& P, int64_t row) {
     divmod(row, P.Q, P.q_magic, b, i);  // b holds b * H + h for now
     divmod(b, P.H, P.h_magic, b, h);
-    const Pos K = static_cast<Pos>(P.K);
     p = static_cast<Pos>(i + P.K - P.Q);
-    hi = P.causal ? (p < K - 1 ? p : K - 1) : K - 1;
+    hi = hi_at(P, p);
     const Pos first = p - static_cast<Pos>(P.window) + 1;
     lo = (P.window > 0 && first > 0) ? first : 0;
+  }
+
+  // The last key a query at position p sees.
+  __device__ __forceinline__ static Pos hi_at(const SoftmaxParams& P, Pos p) {
+    const Pos K = static_cast<Pos>(P.K);
+    return P.causal ? (p < K - 1 ? p : K - 1) : K - 1;
   }
 };
 

@@ -33,6 +33,17 @@ TP_SOFTMAX_HOST_DEVICE constexpr bool reads_two_operands(MaskKind m, BiasKind b)
   return m != MaskKind::kNone && bias_is_tensor(b);
 }
 
+// Every row of `ptr` (element strides `stride`, [B, H, Q, K]) can be read as aligned vectors of
+// `vec` elements. Operands broadcast along K (stride 0) do not qualify: the aligned kernels read
+// every operand along K, and the strided ones give the same values, hence the same bits.
+inline bool rows_vectorisable(const void* ptr, const int64_t* stride, int vec, int elem_bytes) {
+  if (stride[3] != 1) return false;
+  if (reinterpret_cast<uintptr_t>(ptr) % (static_cast<uintptr_t>(vec) * elem_bytes) != 0) return false;
+  for (int d = 0; d < 3; ++d)
+    if (stride[d] % vec != 0) return false;
+  return true;
+}
+
 struct SoftmaxParams {
   DType dtype;
   int64_t B, H, Q, K;

@@ -24,17 +24,6 @@ int64_t next_pow2(int64_t v) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Every row of `ptr` (element strides `stride`) can be read as aligned vectors of `vec`
-// elements. Operands broadcast along K (stride 0) do not qualify: the aligned kernels read every
-// operand along K, and the strided ones give the same values, hence the same bits.
-bool rows_vectorisable(const void* ptr, const int64_t* stride, int vec, int elem_bytes) {
-  if (stride[3] != 1) return false;
-  if (reinterpret_cast<uintptr_t>(ptr) % (static_cast<uintptr_t>(vec) * elem_bytes) != 0) return false;
-  for (int d = 0; d < 3; ++d)
-    if (stride[d] % vec != 0) return false;
-  return true;
-}
-
 }  // namespace
 
 RowConfig choose_row_config(int64_t K, DType dtype, bool two_operands) {

@@ -27,18 +27,16 @@ namespace tp_softmax {
 namespace detail {
 
 constexpr int kStagedThreads = 256;
-constexpr int kStagedSmemBytes = 96 * 1024;    // the score tiles' stages (aligned path)
-constexpr int kStagedSmemBudget = 110 * 1024;  // at most, with staged operand rows (two blocks/SM)
+constexpr int kStagedSmemBudget = 110 * 1024;  // dynamic shared memory for the stages (two blocks/SM)
 constexpr int kMaxStages = 6;
 
-// C chunks per thread: 8 (32 KiB tiles, 3 stages), or 4 (16 KiB tiles, 6 stages) for rows that
-// read a mask or bias tensor (their operand loads and 8 chunks of logits would not fit in the
-// 128 registers of two blocks per SM).
+// C chunks per thread: 8 (32 KiB tiles, 3 stages without staged operands), or 4 (16 KiB tiles,
+// 6 stages) for rows that read a mask or bias tensor (their operand loads and 8 chunks of logits
+// would not fit in the 128 registers of two blocks per SM).
 template <int C>
 struct TileGeometry {
   static constexpr int kTileBytes = kStagedThreads * C * 16;
-  static constexpr int kStages = kStagedSmemBytes / kTileBytes;
-  static_assert(kStages >= 2 && kStages <= kMaxStages, "stage count");
+  static_assert(kStagedSmemBudget / kTileBytes >= 2, "stage count");
 };
 
 // Where the chunks of a tile's mask / bias rows are read from: global memory, or rows the copy
@@ -154,37 +152,43 @@ __device__ __forceinline__ void stage_operand(const OT* row, int c0, int c1, int
              static_cast<uint32_t>((e - a) * kChunkBytes), bar, policy);
 }
 
-// Whether tile row `rr` (`r`) is the first row of its operand group in the tile.
-__device__ __forceinline__ bool group_start(int mode, const RowSpan<int>& r, int rr) {
-  return rr == 0 || (mode == kOpPerHead ? r.i == 0 : r.h == 0);
+// A grouped mode's staged operand row for tile row `rr` (`r`): its group's ordinal in the tile.
+// The row is row `idx` of its group (the query, or with Q == 1 the head), so the group started
+// before the tile's first row iff idx >= rr; else 1 + (rr - idx - 1) / u groups (u rows each)
+// started in the tile up to here. The copy warp and the compute threads both place rows by it.
+__device__ __forceinline__ int group_slot(const SoftmaxParams& P, int mode, const RowSpan<int>& r, int rr) {
+  const int64_t idx = mode == kOpPerHead ? r.i : r.h;
+  const int64_t u = mode == kOpPerHead ? P.Q : P.H;
+  if (idx >= rr) return 0;
+  const int over = rr - static_cast<int>(idx) - 1;  // < rows per tile
+  return 1 + (u > over ? 0 : over / static_cast<int>(u));
 }
 
-// Staged operand rows of a grouped mode: the lane of the group's first row in the tile copies
-// the visible span of the group's rows in the tile, from that row's lo to the hi of the group's
-// last row in the tile (lo and hi grow with the query), into operand row `d` of the stage.
+// Staged operand rows of a grouped mode: the lane of the group's first row in the tile (query, or
+// with Q == 1 head, 0; or the tile's first row) copies the visible span of the group's rows in the
+// tile, from that row's lo to the hi of the group's last row in the tile (lo and hi grow with the
+// query), into its group_slot.
 template <int V, typename OT>
 __device__ __forceinline__ void stage_group(const SoftmaxParams& P, const TileShape& ts, int mode, const OT* src,
-                                            const RowSpan<int>& r, int64_t row, int64_t last, int d, int pc,
+                                            const RowSpan<int>& r, int rr, int64_t row, int64_t last, int pc,
                                             uint8_t* region, int row_bytes, uint32_t bar) {
+  if (rr != 0 && (mode == kOpPerHead ? r.i : r.h) != 0) return;  // not the group's first row here
   int hi = r.hi;
   if (mode == kOpPerHead) {
     const int64_t rest = P.Q - 1 - r.i < last - row ? P.Q - 1 - r.i : last - row;  // later rows of the group
-    const int p_last = r.p + static_cast<int>(rest);
-    const int k1 = static_cast<int>(P.K) - 1;
-    hi = P.causal ? (p_last < k1 ? p_last : k1) : k1;
+    hi = RowSpan<int>::hi_at(P, r.p + static_cast<int>(rest));
   }  // kOpPerBatch: Q == 1, every row of the group has the same span
   int c0, c1, l0;
   if (piece_chunks(r.lo, hi, ts, V, pc, c0, c1, l0))
-    stage_operand<V>(src, c0, c1, l0, region + d * row_bytes, bar, evict_normal_policy());
+    stage_operand<V>(src, c0, c1, l0, region + group_slot(P, mode, r, rr) * row_bytes, bar, evict_normal_policy());
 }
 
 // Warp 0: copy tile `t` into the stage at `stage` (completing on `bar`): the visible chunks of
-// each row's scores, and the operand rows that are staged: per row (the row's visible chunks) or
-// per group (stage_group; a group's operand row in the stage is its ordinal in the tile, counted
-// with warp ballots). Operand rows read from global memory that each row has of its own are
-// prefetched into L2 instead. Each lane raises the barrier's transaction count before each of its
-// copies; lane 0 arrives once all have. (Operands reach this kernel only with stride 1 along K:
-// rows_vectorisable.)
+// each row's scores (or the whole tile in one copy, L.whole_tile), and the operand rows that are
+// staged: per row (the row's visible chunks) or per group (stage_group). Operand rows read from
+// global memory that each row has of its own are prefetched into L2 instead. Each lane raises the
+// barrier's transaction count before each of its copies; lane 0 arrives once all have. (Operands
+// reach this kernel only with stride 1 along K: rows_vectorisable.)
 template <typename T, MaskKind MK, BiasKind BK>
 __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileShape& ts, const StageLayout& L,
                                            int64_t t, int64_t rows, uint8_t* stage, uint32_t bar) {
@@ -194,43 +198,27 @@ __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileSha
   const int bias_row_bytes = ts.slot * V * static_cast<int>(sizeof(typename R::BiasT));
   const uint64_t once = evict_first_policy();
   const int lane = threadIdx.x & 31;
-  const unsigned below = (1u << lane) - 1u;
   const int64_t first = t * ts.rows;
   const int64_t last = (first + ts.rows < rows ? first + ts.rows : rows) - 1;
   const int jobs = ts.rows * ts.pieces;  // (row, piece) pairs; pieces is 1 or rows is 1
-  int mask_groups = 0, bias_groups = 0;  // groups that started in earlier passes
   if (L.whole_tile && lane == 0)
     stage_copy(smem_u32(stage), static_cast<const T*>(P.in) + first * P.K,
                static_cast<uint32_t>((last - first + 1) * P.K * static_cast<int64_t>(sizeof(T))), bar, once);
-  for (int base = 0; base < jobs; base += 32) {
-    const int j = base + lane;
+  for (int j = lane; j < jobs; j += 32) {
     const int rr = ts.pieces == 1 ? j : 0, pc = ts.pieces == 1 ? 0 : j;
-    const bool valid = j < jobs && first + rr <= last;
-    if (!__any_sync(0xffffffffu, valid)) break;
-    const int64_t row = valid ? first + rr : first;
+    const int64_t row = first + rr;
+    if (row > last) break;
     const R r(P, row);
     if constexpr (R::kMask) {
-      if (L.mask_mode > kOpPerRow) {
-        const bool start = valid && group_start(L.mask_mode, r, rr);
-        const unsigned starts = __ballot_sync(0xffffffffu, start);
-        const int d = ts.pieces == 1 ? mask_groups + __popc(starts & below) : 0;
-        mask_groups += __popc(starts);
-        if (start)
-          stage_group<V>(P, ts, L.mask_mode, r.mask, r, row, last, d, pc, stage + L.mask_off, mask_row_bytes, bar);
-      }
+      if (L.mask_mode > kOpPerRow)
+        stage_group<V>(P, ts, L.mask_mode, r.mask, r, rr, row, last, pc, stage + L.mask_off, mask_row_bytes, bar);
     }
     if constexpr (R::kBias) {
-      if (L.bias_mode > kOpPerRow) {
-        const bool start = valid && group_start(L.bias_mode, r, rr);
-        const unsigned starts = __ballot_sync(0xffffffffu, start);
-        const int d = ts.pieces == 1 ? bias_groups + __popc(starts & below) : 0;
-        bias_groups += __popc(starts);
-        if (start)
-          stage_group<V>(P, ts, L.bias_mode, r.bias, r, row, last, d, pc, stage + L.bias_off, bias_row_bytes, bar);
-      }
+      if (L.bias_mode > kOpPerRow)
+        stage_group<V>(P, ts, L.bias_mode, r.bias, r, rr, row, last, pc, stage + L.bias_off, bias_row_bytes, bar);
     }
     int c0, c1, l0;
-    if (!valid || !piece_chunks(r.lo, r.hi, ts, V, pc, c0, c1, l0)) continue;
+    if (!piece_chunks(r.lo, r.hi, ts, V, pc, c0, c1, l0)) continue;
     if (!L.whole_tile)
       stage_copy(smem_u32(stage + (static_cast<size_t>(rr) * ts.slot + l0) * 16), r.in + static_cast<int64_t>(c0) * V,
                  static_cast<uint32_t>(c1 - c0) * 16u, bar, once);
@@ -257,18 +245,9 @@ __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileSha
 }
 
 // ---- host: the stage layout ---------------------------------------------------------------------
-// An operand can be staged when its rows are whole, 16-byte aligned 16-byte units.
-inline bool operand_rows_in_units(const void* ptr, const int64_t* stride, int64_t K, int64_t elem_bytes) {
-  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0 || (K * elem_bytes) % 16 != 0) return false;
-  for (int d = 0; d < 3; ++d)
-    if ((stride[d] * elem_bytes) % 16 != 0) return false;
-  return true;
-}
-
-inline int operand_mode(const SoftmaxParams& p, const void* ptr, const int64_t* stride, int64_t elem_bytes) {
-  if (std::getenv("TP_SOFTMAX_STAGE_OPERANDS") != nullptr && std::getenv("TP_SOFTMAX_STAGE_OPERANDS")[0] == '0')
-    return kOpGlobal;
-  if (!operand_rows_in_units(ptr, stride, p.K, elem_bytes)) return kOpGlobal;
+// Where an operand's rows come from: staged when they are whole, 16-byte aligned 16-byte units.
+inline int operand_mode(const SoftmaxParams& p, const void* ptr, const int64_t* stride, int elem_bytes) {
+  if (!rows_vectorisable(ptr, stride, 16 / elem_bytes, elem_bytes) || (p.K * elem_bytes) % 16 != 0) return kOpGlobal;
   if (p.Q == 1) return stride[1] == 0 ? kOpPerBatch : kOpPerRow;
   return stride[2] == 0 ? kOpPerHead : kOpPerRow;
 }
@@ -282,8 +261,10 @@ StageLayout staged_layout(const SoftmaxParams& p, int rt, int cluster) {
   constexpr int64_t V = 16 / sizeof(T);
   constexpr int64_t kTile = TileGeometry<C>::kTileBytes;
   const int64_t rows = kStagedThreads / rt, slot = int64_t{rt} * C;
-  int mm = R::kMask ? operand_mode(p, p.mask, p.mask_stride, sizeof(typename R::MaskT)) : kOpGlobal;
-  int bm = R::kBias ? operand_mode(p, p.bias, p.bias_stride, sizeof(typename R::BiasT)) : kOpGlobal;
+  const char* env = std::getenv("TP_SOFTMAX_STAGE_OPERANDS");
+  const bool stage = env == nullptr || env[0] != '0';
+  int mm = R::kMask && stage ? operand_mode(p, p.mask, p.mask_stride, sizeof(typename R::MaskT)) : kOpGlobal;
+  int bm = R::kBias && stage ? operand_mode(p, p.bias, p.bias_stride, sizeof(typename R::BiasT)) : kOpGlobal;
   // An operand row shared over queries is staged only for tiles of 8 rows or more: with fewer,
   // its copies lengthen the copy warp's turn (the block waits for it at the next barrier) by more
   // than the reads they save, which mostly hit L1 (BLOOM prefill: 4 rows a tile, efficiency 0.60
@@ -306,7 +287,6 @@ StageLayout staged_layout(const SoftmaxParams& p, int rt, int cluster) {
                      p.in_stride[1] == p.Q * p.K && (p.B == 1 || p.in_stride[0] == p.H * p.Q * p.K);
   for (;;) {
     const int64_t mb = region(mm, sizeof(typename R::MaskT)), bb = region(bm, sizeof(typename R::BiasT));
-    if (mb + bb == 0) return {TileGeometry<C>::kStages, static_cast<int>(kTile), kOpGlobal, kOpGlobal, 0, 0, whole};
     const int64_t total = (kTile + mb + bb + 127) / 128 * 128;
     if (kStagedSmemBudget / total >= 2) {
       const int64_t n = kStagedSmemBudget / total;
@@ -406,17 +386,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     const BiasT* bias_src = nullptr;
     int mask_step = ch_step, mask_ofs = ch_base, bias_step = ch_step, bias_ofs = ch_base;
     if constexpr (ALIGNED && (R::kMask || R::kBias)) {
-      // The staged operand row of this thread's row: its group's ordinal in the tile. The row is
-      // row `idx` of its group (the query, or with Q == 1 the head), so the group started before
-      // the tile's first row iff idx >= row_in_tile; else 1 + (row_in_tile - idx - 1) / u groups
-      // started in the tile up to here.
       auto staged_row = [&](int mode) -> int {
-        if (mode == kOpPerRow) return row_in_tile;
-        const int64_t idx = mode == kOpPerHead ? r.i : r.h;
-        const int64_t u = mode == kOpPerHead ? P.Q : P.H;
-        if (idx >= row_in_tile) return 0;
-        const int over = row_in_tile - static_cast<int>(idx) - 1;  // < rows per tile
-        return 1 + (u > over ? 0 : over / static_cast<int>(u));
+        return mode == kOpPerRow ? row_in_tile : group_slot(P, mode, r, row_in_tile);
       };
       if (R::kMask && L.mask_mode != kOpGlobal) {
         const int row_bytes = ts.slot * V * static_cast<int>(sizeof(MaskT));
