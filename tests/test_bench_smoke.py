@@ -327,8 +327,6 @@ def test_deepspeed_arch_list_gives_plain_capabilities():
 
 
 def test_git_commit_marks_changed_trees(tmp_path):
-    import subprocess
-
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git[:3] + ["init", "-q"], check=True)
     (tmp_path / "f.txt").write_text("a\n")
