@@ -327,6 +327,34 @@ __device__ __forceinline__ MS combine_warps(const float* warp_max, const float* 
   return v;
 }
 
+// The rows a cluster shares reduce the partials of their warps, and those of the cluster's blocks,
+// taking the maximum M first (fmaxf: exact, in any order), then rescaling each partial's sum to
+// it at once, s * exp(m - M), and adding those in order: one exp per partial, off the chain of
+// additions, instead of a chain of pairwise merges with two exps each (k256k: 16 blocks of 8 warps a
+// row). Rows of one block keep combine_warps' merges: the maximum-first form cost BLOOM prefill
+// 1 to 3 % in four calls (docs/perf.md).
+__device__ __forceinline__ float ms_shift(float m) { return m == neg_inf() ? 0.0f : m; }
+
+// combine_warps, maximum first (each warp's pair read once).
+__device__ __forceinline__ MS combine_warps_max_first(const float* warp_max, const float* warp_sum, int w0, int n) {
+  constexpr int kMaxWarps = 8;  // rows of at most 256 threads
+  float wm[kMaxWarps], ws[kMaxWarps];
+#pragma unroll
+  for (int w = 0; w < kMaxWarps; ++w) {
+    wm[w] = w < n ? warp_max[w0 + w] : neg_inf();
+    ws[w] = w < n ? warp_sum[w0 + w] : 0.0f;
+  }
+  float m = wm[0];
+#pragma unroll
+  for (int w = 1; w < kMaxWarps; ++w) m = fmaxf(m, wm[w]);
+  const float shift = ms_shift(m);
+  float s = ws[0] * fast_exp2((wm[0] - shift) * kLog2e);
+#pragma unroll
+  for (int w = 1; w < kMaxWarps; ++w)
+    if (w < n) s += ws[w] * fast_exp2((wm[w] - shift) * kLog2e);
+  return {m, s};
+}
+
 // ---- mbarriers and the exchange of cluster partials ------------------------------------------
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -407,17 +435,20 @@ struct ClusterExchange {
     if (tid < cluster && tid != rank) push_partial(smem_u32(&part[par][rank]), b, tid, st.m, st.s);
     if (tid == 0) mbar_arrive_expect_tx(b, static_cast<uint32_t>(cluster - 1) * 8u);
     mbar_wait(b, static_cast<uint32_t>((k >> 1) & 1));
-    // Lane q takes rank q's partial; the warp combines them in rank order.
+    // Lane q takes rank q's partial; the warp takes their maximum, then adds the rescaled sums in
+    // rank order.
     const int l = tid & 31;
     MS q_part{neg_inf(), 0.0f};
     if (l < cluster) {
       const float2 v = part[par][l];
       q_part = l == rank ? st : MS{v.x, v.y};
     }
-    MS tot{__shfl_sync(0xffffffffu, q_part.m, 0), __shfl_sync(0xffffffffu, q_part.s, 0)};
-    for (int q = 1; q < cluster; ++q)
-      tot = ms_combine(tot, {__shfl_sync(0xffffffffu, q_part.m, q), __shfl_sync(0xffffffffu, q_part.s, q)});
-    return tot;
+    float m = q_part.m;
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    const float scaled = q_part.s * fast_exp2((q_part.m - ms_shift(m)) * kLog2e);  // 0 past the ranks
+    float s = __shfl_sync(0xffffffffu, scaled, 0);
+    for (int q = 1; q < cluster; ++q) s += __shfl_sync(0xffffffffu, scaled, q);
+    return {m, s};
   }
 };
 

@@ -13,7 +13,8 @@
 // written as zeros.
 //
 // The reduction order is fixed by (chunk slot, element, lane butterfly, warp order, cluster rank
-// order), which depends only on rt and the cluster size, so only on K and the dtype. Rows that
+// order; in a cluster, warps and ranks take their maximum first), which depends only on rt and the
+// cluster size, so only on K and the dtype. Rows that
 // cannot be read with 16-byte vectors (unaligned, strided) take the same kernel with ALIGNED =
 // false: each thread reads its own chunks element by element, and the logits, hence the bits,
 // are the same.
@@ -466,7 +467,11 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       sh.warp_sum[par][warp] = st.s;
     }
     if (block_rows || ALIGNED) __syncthreads();
-    if (block_rows) st = combine_warps(sh.warp_max[par], sh.warp_sum[par], row_in_tile * (rt >> 5), rt >> 5);
+    if (block_rows) {
+      const int w0 = row_in_tile * (rt >> 5);
+      st = CLUSTER ? combine_warps_max_first(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5)
+                   : combine_warps(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5);
+    }
     if constexpr (CLUSTER) st = sh.xc.combine(st, cluster, k);
 
     // Write: every chunk of the slice, zeros where hidden.
