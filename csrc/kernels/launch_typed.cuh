@@ -120,8 +120,8 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
                             : (clustered ? staged_softmax_kernel<T, MK, BK, C, false, true>
                                          : staged_softmax_kernel<T, MK, BK, C, false, false>);
       const StageLayout L = aligned ? staged_layout<T, MK, BK, C>(p, cfg.row_threads, cfg.cluster)
-                                    : StageLayout{0, 0, kOpGlobal, kOpGlobal, 0, 0, 0};
-      const int smem = L.stages * L.stage_bytes;
+                                    : StageLayout{0, 0, kOpGlobal, kOpGlobal, 0, 0, 0, 0};
+      const int smem = L.stages * (L.stage_bytes + L.table_bytes);
       if (aligned && std::getenv("TP_SOFTMAX_LAUNCH_INFO") != nullptr) {
         static const char* const kModes[] = {"global", "per row", "per head", "per batch"};
         std::fprintf(stderr, "tp_softmax staged layout: mask %s, bias %s, %d stages of %d B%s\n",

@@ -45,6 +45,14 @@ struct TileGeometry {
 // operand is broadcast over queries) or per batch (kOpPerBatch: Q == 1 and broadcast over heads).
 enum OpMode : int { kOpGlobal = -1, kOpPerRow = 0, kOpPerHead = 1, kOpPerBatch = 2 };
 
+// Rows of 4 chunks a thread (two operand tensors) take their span and pointers from a table the
+// copy warp writes as it issues a tile (it computes them anyway), instead of every thread
+// computing them again: two 64-bit divisions and four pointers a row, about a sixth of the
+// instructions of BLOOM prefill's kernel (ncu, v12). With 8 chunks a thread, the rows kept in
+// registers from the table spill.
+template <int C>
+constexpr bool kRowTable = C == 4;
+
 // A stage: the score tile, then the staged mask rows, then the staged bias rows. Operands are
 // staged where their rows are 16-byte aligned and whole 16-byte units, and while at least two
 // stages fit the budget (staged_layout); otherwise they are read from global memory (and
@@ -56,6 +64,7 @@ struct StageLayout {
   int mask_mode, bias_mode;
   int mask_off, bias_off;  // byte offsets of the operand regions in a stage
   int whole_tile;          // a tile's scores are one contiguous run of whole rows: one copy
+  int table_bytes;         // per stage: the tile's rows (Row objects) after all the stages, or 0
 };
 
 struct StagedScratch {
@@ -190,9 +199,9 @@ __device__ __forceinline__ void stage_group(const SoftmaxParams& P, const TileSh
 // global memory that each row has of its own are prefetched into L2 instead. Each lane raises the
 // barrier's transaction count before each of its copies; lane 0 arrives once all have. (Operands
 // reach this kernel only with stride 1 along K: rows_vectorisable.)
-template <typename T, MaskKind MK, BiasKind BK>
+template <typename T, MaskKind MK, BiasKind BK, bool TABLE>
 __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileShape& ts, const StageLayout& L,
-                                           int64_t t, int64_t rows, uint8_t* stage, uint32_t bar) {
+                                           int64_t t, int64_t rows, uint8_t* stage, uint32_t bar, uint8_t* table) {
   constexpr int V = 16 / sizeof(T);
   using R = Row<T, MK, BK, int>;
   const int mask_row_bytes = ts.slot * V * static_cast<int>(sizeof(typename R::MaskT));
@@ -208,8 +217,12 @@ __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileSha
   for (int j = lane; j < jobs; j += 32) {
     const int rr = ts.pieces == 1 ? j : 0, pc = ts.pieces == 1 ? 0 : j;
     const int64_t row = first + rr;
-    if (row > last) break;
-    const R r(P, row);
+    if (!TABLE && row > last) break;
+    // With TABLE, the row's span and pointers go to the compute threads too (past the last row:
+    // the last's).
+    const R r(P, TABLE && row > last ? last : row);
+    if (TABLE && pc == 0) reinterpret_cast<R*>(table)[rr] = r;
+    if (TABLE && row > last) continue;
     if constexpr (R::kMask) {
       if (L.mask_mode > kOpPerRow)
         stage_group<V>(P, ts, L.mask_mode, r.mask, r, rr, row, last, pc, stage + L.mask_off, mask_row_bytes, bar);
@@ -286,13 +299,14 @@ StageLayout staged_layout(const SoftmaxParams& p, int rt, int cluster) {
   const bool whole = cluster == 1 && (!p.causal || p.Q == 1) && p.window == 0 && p.K / V == slot &&
                      p.in_stride[2] == p.K &&
                      p.in_stride[1] == p.Q * p.K && (p.B == 1 || p.in_stride[0] == p.H * p.Q * p.K);
+  const int64_t table = kRowTable<C> ? (rows * static_cast<int64_t>(sizeof(R)) + 127) / 128 * 128 : 0;
   for (;;) {
     const int64_t mb = region(mm, sizeof(typename R::MaskT)), bb = region(bm, sizeof(typename R::BiasT));
     const int64_t total = (kTile + mb + bb + 127) / 128 * 128;
-    if (kStagedSmemBudget / total >= 2) {
-      const int64_t n = kStagedSmemBudget / total;
+    if (kStagedSmemBudget / (total + table) >= 2) {
+      const int64_t n = kStagedSmemBudget / (total + table);
       return {static_cast<int>(n < kMaxStages ? n : kMaxStages), static_cast<int>(total), mm, bm,
-              static_cast<int>(kTile), static_cast<int>(kTile + mb), whole};
+              static_cast<int>(kTile), static_cast<int>(kTile + mb), whole, static_cast<int>(table)};
     }
     if (mb >= bb) {
       mm = kOpGlobal;  // the larger region goes back to global memory
@@ -338,6 +352,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   const int row_in_tile = tid >> ts.rt_shift;
   const int64_t rows = P.B * P.H * P.Q;
   const int64_t unit = blockIdx.x / cluster;
+  uint8_t* const row_table = kRowTable<C> ? stage_mem + L.stages * L.stage_bytes : nullptr;
   const int64_t nunits = gridDim.x / cluster;
 
   if (tid == 0) {
@@ -359,9 +374,11 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       for (int s = 0; s < L.stages; ++s) {
         const int64_t t = unit + s * nunits;
         if (t < ntiles)
-          issue_tile<T, MK, BK>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes, smem_u32(&sh.full[s]));
+          issue_tile<T, MK, BK, kRowTable<C>>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes, smem_u32(&sh.full[s]),
+                                row_table + s * L.table_bytes);
       }
     }
+    if (kRowTable<C>) __syncthreads();  // the row tables of the first tiles are written
   }
 
   int k = 0;           // tiles done by this block
@@ -378,7 +395,17 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     const int ch_step = cluster * t_rt;
     const int64_t row = t * ts.rows + row_in_tile;
     const bool active = row < rows;
-    const R r(P, active ? row : 0);
+    // The row's span and pointers: from the copy warp's table of the tile's rows, or computed
+    // here. (The copy warp wrote the table when it issued the tile, before a block barrier this
+    // thread has passed since: the one after the first copies, or that of an earlier tile; and
+    // overwrites it only after this tile's barrier.)
+    const R r = [&]() -> R {
+      if constexpr (ALIGNED && kRowTable<C>) {
+        return reinterpret_cast<const R*>(row_table + s * L.table_bytes)[row_in_tile];
+      } else {
+        return R(P, active ? row : 0);
+      }
+    }();
     const uint8_t* stage = stage_mem + s * L.stage_bytes;
     const uint8_t* my_slot = stage + static_cast<size_t>(row_in_tile) * ts.slot * 16;
     // Where chunk c's operands are: at element (c * step + ofs) * V of `*_src`, a staged row (slot
@@ -502,7 +529,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       // the barrier, where the copy warp's work would add to the registers that hold the logits.)
       const int64_t t2 = t + L.stages * nunits;
       if (warp == 0 && t2 < ntiles)
-        issue_tile<T, MK, BK>(P, ts_shared, L, t2, rows, stage_mem + s * L.stage_bytes, smem_u32(&sh.full[s]));
+        issue_tile<T, MK, BK, kRowTable<C>>(P, ts_shared, L, t2, rows, stage_mem + s * L.stage_bytes, smem_u32(&sh.full[s]),
+                              row_table + s * L.table_bytes);
       if (++s == L.stages) {
         s = 0;
         phase ^= 1u;
