@@ -330,9 +330,9 @@ __device__ __forceinline__ MS combine_warps(const float* warp_max, const float* 
 // The rows a cluster shares reduce the partials of their warps, and those of the cluster's blocks,
 // taking the maximum M first (fmaxf: exact, in any order), then rescaling each partial's sum to
 // it at once, s * exp(m - M), and adding those in order: one exp per partial, off the chain of
-// additions, instead of a chain of pairwise merges with two exps each (k256k: 16 blocks of 8 warps a
-// row). Rows of one block keep combine_warps' merges: the maximum-first form cost BLOOM prefill
-// 1 to 3 % in four calls (docs/perf.md).
+// additions, instead of a chain of pairwise merges with two exps each (k256k: 16 blocks of 8
+// warps a row). Rows of one block keep combine_warps' merges: the maximum-first form cost BLOOM
+// prefill 1 to 3 % in four calls (docs/perf.md).
 __device__ __forceinline__ float ms_shift(float m) { return m == neg_inf() ? 0.0f : m; }
 
 // combine_warps, maximum first (each warp's pair read once).

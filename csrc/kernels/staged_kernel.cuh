@@ -14,10 +14,9 @@
 //
 // The reduction order is fixed by (chunk slot, element, lane butterfly, warp order, cluster rank
 // order; in a cluster, warps and ranks take their maximum first), which depends only on rt and the
-// cluster size, so only on K and the dtype. Rows that
-// cannot be read with 16-byte vectors (unaligned, strided) take the same kernel with ALIGNED =
-// false: each thread reads its own chunks element by element, and the logits, hence the bits,
-// are the same.
+// cluster size, so only on K and the dtype. Rows that cannot be read with 16-byte vectors
+// (unaligned, strided) take the same kernel with ALIGNED = false: each thread reads its own chunks
+// element by element, and the logits, hence the bits, are the same.
 #pragma once
 
 #include <cstdlib>
@@ -197,8 +196,9 @@ __device__ __forceinline__ void stage_group(const SoftmaxParams& P, const TileSh
 // each row's scores (or the whole tile in one copy, L.whole_tile), and the operand rows that are
 // staged: per row (the row's visible chunks) or per group (stage_group). Operand rows read from
 // global memory that each row has of its own are prefetched into L2 instead. Each lane raises the
-// barrier's transaction count before each of its copies; lane 0 arrives once all have. (Operands
-// reach this kernel only with stride 1 along K: rows_vectorisable.)
+// barrier's transaction count before each of its copies; lane 0 arrives once all have. With
+// TABLE, each row's Row also goes into `table` for the compute threads. (Operands reach this
+// kernel only with stride 1 along K: rows_vectorisable.)
 template <typename T, MaskKind MK, BiasKind BK, bool TABLE>
 __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileShape& ts, const StageLayout& L,
                                            int64_t t, int64_t rows, uint8_t* stage, uint32_t bar, uint8_t* table) {
@@ -374,8 +374,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       for (int s = 0; s < L.stages; ++s) {
         const int64_t t = unit + s * nunits;
         if (t < ntiles)
-          issue_tile<T, MK, BK, kRowTable<C>>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes, smem_u32(&sh.full[s]),
-                                row_table + s * L.table_bytes);
+          issue_tile<T, MK, BK, kRowTable<C>>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes,
+                                              smem_u32(&sh.full[s]), row_table + s * L.table_bytes);
       }
     }
     if (kRowTable<C>) __syncthreads();  // the row tables of the first tiles are written
@@ -529,8 +529,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       // the barrier, where the copy warp's work would add to the registers that hold the logits.)
       const int64_t t2 = t + L.stages * nunits;
       if (warp == 0 && t2 < ntiles)
-        issue_tile<T, MK, BK, kRowTable<C>>(P, ts_shared, L, t2, rows, stage_mem + s * L.stage_bytes, smem_u32(&sh.full[s]),
-                              row_table + s * L.table_bytes);
+        issue_tile<T, MK, BK, kRowTable<C>>(P, ts_shared, L, t2, rows, stage_mem + s * L.stage_bytes,
+                                            smem_u32(&sh.full[s]), row_table + s * L.table_bytes);
       if (++s == L.stages) {
         s = 0;
         phase ^= 1u;
