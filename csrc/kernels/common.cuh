@@ -290,9 +290,12 @@ struct MS {
   float m, s;
 };
 
+// The value exponents are taken relative to: the maximum m, or 0 where every x is -inf.
+__device__ __forceinline__ float ms_shift(float m) { return m == neg_inf() ? 0.0f : m; }
+
 __device__ __forceinline__ MS ms_combine(MS a, MS b) {
   const float m = fmaxf(a.m, b.m);
-  const float ms = m == neg_inf() ? 0.0f : m;
+  const float ms = ms_shift(m);
   return {m, a.s * fast_exp2((a.m - ms) * kLog2e) + b.s * fast_exp2((b.m - ms) * kLog2e)};
 }
 
@@ -306,7 +309,7 @@ __device__ __forceinline__ void ms_add_chunk(MS& st, const float (&x)[V]) {
     st.s *= fast_exp2((st.m - cm) * kLog2e);
     st.m = cm;
   }
-  const float shift = (st.m == neg_inf() ? 0.0f : st.m) * kLog2e;
+  const float shift = ms_shift(st.m) * kLog2e;
 #pragma unroll
   for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(x[e], kLog2e, -shift));
 }
@@ -332,10 +335,8 @@ __device__ __forceinline__ MS combine_warps(const float* warp_max, const float* 
 // it at once, s * exp(m - M), and adding those in order: one exp per partial, off the chain of
 // additions, instead of a chain of pairwise merges with two exps each (k256k: 16 blocks of 8
 // warps a row). Rows of one block keep combine_warps' merges: the maximum-first form cost BLOOM
-// prefill 1 to 3 % in four calls (docs/perf.md).
-__device__ __forceinline__ float ms_shift(float m) { return m == neg_inf() ? 0.0f : m; }
-
-// combine_warps, maximum first (each warp's pair read once).
+// prefill 1 to 3 % in four calls (docs/perf.md). This is combine_warps in that form (each warp's
+// pair read once).
 __device__ __forceinline__ MS combine_warps_max_first(const float* warp_max, const float* warp_sum, int w0, int n) {
   constexpr int kMaxWarps = 8;  // rows of at most 256 threads
   float wm[kMaxWarps], ws[kMaxWarps];
@@ -457,6 +458,7 @@ struct ClusterExchange {
 struct Normaliser {
   float shift, inv, hidden;
   __device__ __forceinline__ explicit Normaliser(MS tot) {
+    // (ms_shift written out: through the helper, ptxas schedules the two-read kernel differently)
     shift = (tot.m == neg_inf() ? 0.0f : tot.m) * kLog2e;
     inv = tot.s == 0.0f ? 0.0f : 1.0f / tot.s;  // NaN stays NaN
     hidden = 0.0f * inv;                         // 0, or NaN for a NaN row

@@ -74,9 +74,16 @@ struct StagedScratch {
 };
 
 // ---- PTX: bulk copies ---------------------------------------------------------------------------
-__device__ __forceinline__ uint64_t evict_first_policy() {
+// L2 cache policies for the bulk copies: evict first (scores and operand rows read once) or
+// normal (operand rows shared by the tiles of a group). The policy is a literal in the asm.
+template <bool kEvictFirst>
+__device__ __forceinline__ uint64_t l2_policy() {
   uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  if constexpr (kEvictFirst) {
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  } else {
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
+  }
   return policy;
 }
 
@@ -135,12 +142,6 @@ __device__ __forceinline__ void prefetch_l2(const void* begin, const void* end) 
                  : "memory");
 }
 
-__device__ __forceinline__ uint64_t evict_normal_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
-
 // One bulk copy into a stage; the stage's barrier first expects its bytes.
 __device__ __forceinline__ void stage_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
                                            uint64_t policy) {
@@ -189,7 +190,7 @@ __device__ __forceinline__ void stage_group(const SoftmaxParams& P, const TileSh
   }  // kOpPerBatch: Q == 1, every row of the group has the same span
   int c0, c1, l0;
   if (piece_chunks(r.lo, hi, ts, V, pc, c0, c1, l0))
-    stage_operand<V>(src, c0, c1, l0, region + group_slot(P, mode, r, rr) * row_bytes, bar, evict_normal_policy());
+    stage_operand<V>(src, c0, c1, l0, region + group_slot(P, mode, r, rr) * row_bytes, bar, l2_policy<false>());
 }
 
 // Warp 0: copy tile `t` into the stage at `stage` (completing on `bar`): the visible chunks of
@@ -206,7 +207,7 @@ __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileSha
   using R = Row<T, MK, BK, int>;
   const int mask_row_bytes = ts.slot * V * static_cast<int>(sizeof(typename R::MaskT));
   const int bias_row_bytes = ts.slot * V * static_cast<int>(sizeof(typename R::BiasT));
-  const uint64_t once = evict_first_policy();
+  const uint64_t once = l2_policy<true>();
   const int lane = threadIdx.x & 31;
   const int64_t first = t * ts.rows;
   const int64_t last = (first + ts.rows < rows ? first + ts.rows : rows) - 1;
@@ -469,7 +470,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     }
     MS st{fmaxf(fmaxf(acc[0], acc[1]), fmaxf(acc[2], acc[3])), 0.0f};
     {
-      const float shift = (st.m == neg_inf() ? 0.0f : st.m) * kLog2e;
+      const float shift = ms_shift(st.m) * kLog2e;
 #pragma unroll
       for (int a = 0; a < A; ++a) acc[a] = 0.0f;
 #pragma unroll
@@ -505,7 +506,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     const Normaliser norm(st);
     // Kept e = exp(x - local_max): out = e * exp(local_max - max) / sum.
     const float factor =
-        fast_exp2((local_max - (st.m == neg_inf() ? 0.0f : st.m)) * kLog2e) * norm.inv;
+        fast_exp2((local_max - ms_shift(st.m)) * kLog2e) * norm.inv;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       const int ch = c * ch_step + ch_base;
