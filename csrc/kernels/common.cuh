@@ -101,6 +101,16 @@ __device__ __forceinline__ void divmod(int64_t n, int64_t d, uint64_t magic, int
   r = static_cast<int64_t>(rr);
 }
 
+// The same in 32 bits, for 0 <= n < 2^31 and magic = floor((2^32 - 1) / d).
+__device__ __forceinline__ void divmod32(uint32_t n, uint32_t d, uint32_t magic, uint32_t& q, uint32_t& r) {
+  q = __umulhi(n, magic);
+  r = n - q * d;
+  if (r >= d) {
+    ++q;
+    r -= d;
+  }
+}
+
 // Where row `row` of the scores starts, and which keys it sees (lo <= j <= hi; none if lo > hi).
 template <typename Pos>
 struct RowSpan {
@@ -108,8 +118,17 @@ struct RowSpan {
   Pos p, lo, hi;  // p: absolute position of the query
 
   __device__ __forceinline__ RowSpan(const SoftmaxParams& P, int64_t row) {
-    divmod(row, P.Q, P.q_magic, b, i);  // b holds b * H + h for now
-    divmod(b, P.H, P.h_magic, b, h);
+    if (P.rows32) {  // fewer than 2^31 rows: a third of the instructions
+      uint32_t bh, b32, h32, i32;
+      divmod32(static_cast<uint32_t>(row), static_cast<uint32_t>(P.Q), P.q_magic32, bh, i32);
+      divmod32(bh, static_cast<uint32_t>(P.H), P.h_magic32, b32, h32);
+      b = b32;
+      h = h32;
+      i = i32;
+    } else {
+      divmod(row, P.Q, P.q_magic, b, i);  // b holds b * H + h for now
+      divmod(b, P.H, P.h_magic, b, h);
+    }
     p = static_cast<Pos>(i + P.K - P.Q);
     hi = hi_at(P, p);
     const Pos first = p - static_cast<Pos>(P.window) + 1;

@@ -63,8 +63,11 @@ struct SoftmaxParams {
   bool causal;
   int64_t window;            // 0 = no window
   // Filled in by launch_attention_softmax: floor((2^64 - 1) / Q) and / H, for division by
-  // multiplication in the kernel.
+  // multiplication in the kernel; with fewer than 2^31 rows (rows32), also floor((2^32 - 1) / Q)
+  // and / H, for the same in 32 bits.
   uint64_t q_magic, h_magic;
+  uint32_t q_magic32, h_magic32;
+  bool rows32;
 };
 
 // How one row is computed. Depends only on K, the dtype and whether both a mask and a bias

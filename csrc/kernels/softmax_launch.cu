@@ -62,6 +62,9 @@ cudaError_t launch_attention_softmax(const SoftmaxParams& p, cudaStream_t stream
   SoftmaxParams kp = p;
   kp.q_magic = ~uint64_t{0} / static_cast<uint64_t>(p.Q);
   kp.h_magic = ~uint64_t{0} / static_cast<uint64_t>(p.H);
+  kp.rows32 = rows < (int64_t{1} << 31);
+  kp.q_magic32 = kp.rows32 ? ~uint32_t{0} / static_cast<uint32_t>(p.Q) : 0;
+  kp.h_magic32 = kp.rows32 ? ~uint32_t{0} / static_cast<uint32_t>(p.H) : 0;
   const RowConfig cfg = choose_row_config(p.K, p.dtype, reads_two_operands(p.mask_kind, p.bias_kind));
   const int es = elem_size(p.dtype);
   const int vec = 16 / es;
