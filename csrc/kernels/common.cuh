@@ -118,7 +118,7 @@ struct RowSpan {
   Pos p, lo, hi;  // p: absolute position of the query
 
   __device__ __forceinline__ RowSpan(const SoftmaxParams& P, int64_t row) {
-    if (P.rows32) {  // fewer than 2^31 rows: a third of the instructions
+    if (P.rows32) {  // fewer than 2^31 rows: 32-bit multiplications instead of 64-bit ones
       uint32_t bh, b32, h32, i32;
       divmod32(static_cast<uint32_t>(row), static_cast<uint32_t>(P.Q), P.q_magic32, bh, i32);
       divmod32(bh, static_cast<uint32_t>(P.H), P.h_magic32, b32, h32);
