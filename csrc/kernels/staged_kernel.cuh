@@ -304,8 +304,8 @@ StageLayout staged_layout(const SoftmaxParams& p, int rt, int cluster) {
   for (;;) {
     const int64_t mb = region(mm, sizeof(typename R::MaskT)), bb = region(bm, sizeof(typename R::BiasT));
     const int64_t total = (kTile + mb + bb + 127) / 128 * 128;
-    if (kStagedSmemBudget / (total + table) >= 2) {
-      const int64_t n = kStagedSmemBudget / (total + table);
+    const int64_t n = kStagedSmemBudget / (total + table);  // stages that fit
+    if (n >= 2) {
       return {static_cast<int>(n < kMaxStages ? n : kMaxStages), static_cast<int>(total), mm, bm,
               static_cast<int>(kTile), static_cast<int>(kTile + mb), whole, static_cast<int>(table)};
     }
