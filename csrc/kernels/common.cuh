@@ -88,22 +88,15 @@ __device__ __forceinline__ void load_bool_strided(const uint8_t* row, int64_t st
   }
 }
 
-// n = q * d + r for 0 <= n < 2^63 and d >= 1, with magic = floor((2^64 - 1) / d): the
-// estimate __umul64hi(n, magic) is q or q - 1 (no 64-bit division routine in the kernel).
-__device__ __forceinline__ void divmod(int64_t n, int64_t d, uint64_t magic, int64_t& q, int64_t& r) {
-  uint64_t qq = __umul64hi(static_cast<uint64_t>(n), magic);
-  uint64_t rr = static_cast<uint64_t>(n) - qq * static_cast<uint64_t>(d);
-  if (rr >= static_cast<uint64_t>(d)) {
-    ++qq;
-    rr -= static_cast<uint64_t>(d);
-  }
-  q = static_cast<int64_t>(qq);
-  r = static_cast<int64_t>(rr);
-}
+// The high half of a * b: 32 or 64 bits.
+__device__ __forceinline__ uint32_t mul_hi(uint32_t a, uint32_t b) { return __umulhi(a, b); }
+__device__ __forceinline__ uint64_t mul_hi(uint64_t a, uint64_t b) { return __umul64hi(a, b); }
 
-// The same in 32 bits, for 0 <= n < 2^31 and magic = floor((2^32 - 1) / d).
-__device__ __forceinline__ void divmod32(uint32_t n, uint32_t d, uint32_t magic, uint32_t& q, uint32_t& r) {
-  q = __umulhi(n, magic);
+// n = q * d + r for unsigned n < 2^(bits - 1) and d >= 1, with magic = floor((2^bits - 1) / d):
+// the estimate mul_hi(n, magic) is q or q - 1 (no division routine in the kernel).
+template <typename U>
+__device__ __forceinline__ void divmod(U n, U d, U magic, U& q, U& r) {
+  q = mul_hi(n, magic);
   r = n - q * d;
   if (r >= d) {
     ++q;
@@ -120,14 +113,18 @@ struct RowSpan {
   __device__ __forceinline__ RowSpan(const SoftmaxParams& P, int64_t row) {
     if (P.rows32) {  // fewer than 2^31 rows: 32-bit multiplications instead of 64-bit ones
       uint32_t bh, b32, h32, i32;
-      divmod32(static_cast<uint32_t>(row), static_cast<uint32_t>(P.Q), P.q_magic32, bh, i32);
-      divmod32(bh, static_cast<uint32_t>(P.H), P.h_magic32, b32, h32);
+      divmod<uint32_t>(static_cast<uint32_t>(row), static_cast<uint32_t>(P.Q), P.q_magic32, bh, i32);
+      divmod<uint32_t>(bh, static_cast<uint32_t>(P.H), P.h_magic32, b32, h32);
       b = b32;
       h = h32;
       i = i32;
     } else {
-      divmod(row, P.Q, P.q_magic, b, i);  // b holds b * H + h for now
-      divmod(b, P.H, P.h_magic, b, h);
+      uint64_t bh, b64, h64, i64;
+      divmod<uint64_t>(static_cast<uint64_t>(row), static_cast<uint64_t>(P.Q), P.q_magic, bh, i64);
+      divmod<uint64_t>(bh, static_cast<uint64_t>(P.H), P.h_magic, b64, h64);
+      b = static_cast<int64_t>(b64);
+      h = static_cast<int64_t>(h64);
+      i = static_cast<int64_t>(i64);
     }
     p = static_cast<Pos>(i + P.K - P.Q);
     hi = hi_at(P, p);
