@@ -20,7 +20,10 @@ every rank times its shard (``head_partition(H_total, world, rank)``; on one pro
 one after another) and the report compares the slowest shard with 1/world of the unsharded time.
 
 Contenders, timed in the same run on the same inputs:
-  copy        a device copy of the scores (the floor's bandwidth, per case)
+  copy        a device copy of the scores (the floor's bandwidth, per case); beside it, a device
+              copy of the case's floor bytes (half read, half written; column floor_copy_ms):
+              no op that moves those bytes can beat it by much, so a target that needs less
+              time than it is marked as beyond the copy in the summary
   tp_softmax  tp_softmax.attention_softmax (the path that ran: CUDA kernel or PyTorch fallback)
   eager       the obvious PyTorch composition (launch/benchlib.py: eager_softmax)
   compile     the same function through torch.compile
@@ -72,7 +75,7 @@ from tp_softmax import attention_softmax, head_partition  # noqa: E402
 CSV_COLUMNS = [
     "case", "contender", "status", "path", "dtype", "B", "H_local", "H_total", "mp", "head_offset",
     "Q", "K", "flags", "ranks", "slowest_rank", "ms", "ms_per_rank", "spread", "reps", "sets",
-    "host_us", "gbps", "floor_bytes", "floor_ms", "efficiency", "own_efficiency", "speedup", "err",
+    "host_us", "gbps", "floor_bytes", "floor_ms", "floor_copy_ms", "efficiency", "own_efficiency", "speedup", "err",
     "masked_rows",
     "nan_rows", "sum_err", "scaling", "note",
 ]
@@ -298,6 +301,7 @@ class Runner:
             "ms": float("nan"), "ms_per_rank": "", "spread": float("nan"), "reps": 0,
             "sets": len(problem.sets), "host_us": float("nan"), "gbps": float("nan"),
             "floor_bytes": problem.floor.total, "floor_ms": problem.floor.total / self.copy_bw * 1e3,
+            "floor_copy_ms": float("nan"),
             "efficiency": float("nan"), "own_efficiency": "", "speedup": float("nan"), "err": float("nan"),
             "masked_rows": "", "nan_rows": "", "sum_err": float("nan"), "scaling": "", "note": "",
         }
@@ -360,11 +364,28 @@ class Runner:
                    ms_per_rank=f"{timing.ms:.5g}")
         row["gbps"] = 2 * problem.scores_bytes / (timing.ms * 1e-3) / 1e9
         row["efficiency"] = row["floor_ms"] / timing.ms
+        if name == "copy":
+            row["floor_copy_ms"] = self._floor_copy_ms(problem)
         if name == "tp_softmax" and "two reads" in row["path"]:
             # The multi-pass path's own floor: the visible scores are read twice.
             own = (problem.floor.total + problem.floor.scores_read) / self.copy_bw * 1e3
             row["own_efficiency"] = own / timing.ms
         return row
+
+    def _floor_copy_ms(self, problem: bl.Problem) -> float:
+        """Median ms of a device copy of the problem's floor bytes (half read, half written), over
+        as many rotating buffer pairs as the problem has input sets; NaN if it cannot be had."""
+        n = max(4, (problem.floor.total // 2 + 15) // 16 * 4)  # float32 elements, as copy_bandwidth
+        try:
+            bufs = [(torch.ones(n, device=self.device), torch.empty(n, device=self.device))
+                    for _ in problem.sets]
+            timing = self.timer.time(lambda k: bufs[k][1].copy_(bufs[k][0]), len(bufs))
+            return timing.ms
+        except Exception:  # noqa: BLE001 - a missing bound must not end the run
+            self._recover()
+            return float("nan")
+        finally:
+            bufs = None
 
     def _recover(self):
         if self.device.type == "cuda":
@@ -567,11 +588,34 @@ def targets(case_rows):
     return miss
 
 
+def beyond_copy(case_rows):
+    """The targets of one case that would need tp_softmax to take less time than the device copy
+    of the case's floor bytes took in the same run: ``{target: ms it needs}`` (labels as in
+    ``targets``). Empty when that copy was not timed."""
+    by = {r["contender"]: r for r in case_rows}
+    tp, cp = by.get("tp_softmax"), by.get("copy")
+    if tp is None or cp is None or tp["status"] != "ok":
+        return {}
+    bound = cp.get("floor_copy_ms", float("nan"))
+    if not (isinstance(bound, float) and bound > 0):
+        return {}
+    need = {}
+    if tp.get("own_efficiency", "") in ("", None):
+        goal = 0.80 if tp["Q"] == 1 else 0.90
+        need[f"eff<{goal:.2f}"] = tp["floor_ms"] / goal
+    for name, want in (("compile", 1.5), ("deepspeed", 2.0)):
+        r = by.get(name)
+        if r is not None and r["status"] == "ok" and not math.isnan(r["ms"]):
+            need[f"{name}<{want:g}x"] = r["ms"] / want
+    return {k: v for k, v in need.items() if v < bound}
+
+
 def print_summary(rows, out=sys.stdout):
     print("summary: tp_softmax per case (x NAME = tp_softmax's speed-up over NAME; "
           "targets: eff >= 0.90 prefill / 0.80 decode, two-read rows >= 0.60 of their own floor, "
-          ">= 1.5x compile, >= 2x deepspeed)", file=out)
-    head = (f"{'case':<24} {'path':<7} {'ms':>9} {'eff':>5} {'x compile':>9} {'x deepspeed':>11} "
+          ">= 1.5x compile, >= 2x deepspeed; copy = the efficiency of a device copy of the floor's bytes)",
+          file=out)
+    head = (f"{'case':<24} {'path':<7} {'ms':>9} {'eff':>5} {'copy':>5} {'x compile':>9} {'x deepspeed':>11} "
             f"{'x eager':>7} {'err':>8}  targets")
     print(head, file=out)
     print("-" * len(head), file=out)
@@ -579,7 +623,7 @@ def print_summary(rows, out=sys.stdout):
     for r in rows:
         if r["case"] not in cases:
             cases.append(r["case"])
-    scaling = []
+    scaling, bounds = [], []
     for c in cases:
         cr = [r for r in rows if r["case"] == c]
         by = {r["contender"]: r for r in cr}
@@ -598,14 +642,25 @@ def print_summary(rows, out=sys.stdout):
         path = "-" if tp["status"] != "ok" else (tp["path"].split(" ")[0].rstrip(":") if tp["path"] else "?")
         path = path if path in ("kernel", "torch") else "?"
         miss = targets(cr)
+        beyond = beyond_copy(cr)
+        bound = by["copy"].get("floor_copy_ms", float("nan")) if "copy" in by else float("nan")
+        for m in [m for m in miss if m in beyond]:
+            bounds.append(f"  {c}: {m} needs <= {beyond[m]:.4f} ms; the copy of the floor's bytes took {bound:.4f} ms")
+        miss = [m + "*" if m in beyond else m for m in miss]
+        copy_eff = tp["floor_ms"] / bound if isinstance(bound, float) and bound > 0 else float("nan")
         own = tp.get("own_efficiency", "")
         own_text = f" (own floor, two reads: {own:.2f})" if own not in ("", None) else ""
-        print(f"{c:<24} {path:<7} {_f(tp['ms'], '9.4f')} {_f(tp['efficiency'], '5.2f')} "
+        print(f"{c:<24} {path:<7} {_f(tp['ms'], '9.4f')} {_f(tp['efficiency'], '5.2f')} {_f(copy_eff, '5.2f')} "
               f"{x('compile'):>9} {x('deepspeed'):>11} {x('eager'):>7} {_err(tp):>8}  "
               f"{'ok' if not miss else 'MISS ' + ', '.join(miss)}{own_text}", file=out)
         if tp["scaling"]:
             scaling.append(f"  {c}: {tp['note']} (target <= 1.10)")
     for line in scaling:
+        print(line, file=out)
+    if bounds:
+        print("  * beyond the copy: the target needs less time than a device copy of the case's floor "
+              "bytes took in this run (column copy: that copy's efficiency)", file=out)
+    for line in bounds:
         print(line, file=out)
     notes = {}
     for r in rows:

@@ -2,6 +2,7 @@
 two processes under torchrun with gloo)."""
 
 import csv
+import io
 import json
 import math
 import os
@@ -269,7 +270,10 @@ def test_smoke_rows_and_columns(smoke_run):
         assert float(r["floor_ms"]) > 0 and int(r["floor_bytes"]) > 0
         assert math.isclose(float(r["efficiency"]), float(r["floor_ms"]) / float(r["ms"]), rel_tol=1e-3)
         if r["contender"] == "copy":
+            # beside it, the copy of the case's floor bytes (the bound of the summary's "*")
+            assert float(r["floor_copy_ms"]) > 0, r
             continue
+        assert math.isnan(float(r["floor_copy_ms"])), r
         assert float(r["err"]) <= tol, r
         assert math.isclose(float(r["speedup"]), float(r["ms"]) / float(
             next(t for t in rows if t["case"] == r["case"] and t["contender"] == "tp_softmax")["ms"]),
@@ -290,6 +294,45 @@ def test_smoke_rows_and_columns(smoke_run):
     body = "\n".join(tail[summary:])
     assert all(name in body for name in names)
     assert tail[-1].startswith("  deepspeed: not available")
+
+
+def _summary_rows(copy_ms, floor_copy_ms, tp_ms, compile_ms, q=512):
+    """One case's rows as the summary sees them: floor 1.0 ms (efficiency = 1 / ms)."""
+    base = {"case": "c", "status": "ok", "path": "kernel (x)", "dtype": "fp32", "Q": q, "floor_ms": 1.0,
+            "floor_copy_ms": float("nan"), "own_efficiency": "", "err": 1e-7, "masked_rows": "",
+            "nan_rows": 0, "scaling": "", "note": ""}
+    rows = [dict(base, contender="copy", ms=copy_ms, floor_copy_ms=floor_copy_ms),
+            dict(base, contender="tp_softmax", ms=tp_ms),
+            dict(base, contender="compile", ms=compile_ms)]
+    for r in rows:
+        r["efficiency"] = 1.0 / r["ms"]
+    bench.add_speedups(rows)
+    return rows
+
+
+def test_targets_beyond_the_copy_of_the_floor_bytes_are_marked():
+    # The floor's bytes copy in 1.08 ms; tp_softmax takes 1.25 ms, compile 1.5 ms. eff >= 0.90 needs
+    # 1.11 ms (reachable); 1.5 x compile needs 1.0 ms, less than the copy took: beyond it.
+    rows = _summary_rows(copy_ms=1.4, floor_copy_ms=1.08, tp_ms=1.25, compile_ms=1.5)
+    assert bench.targets(rows) == ["eff<0.90", "compile<1.5x"]
+    assert bench.beyond_copy(rows) == {"compile<1.5x": pytest.approx(1.0)}
+    buf = io.StringIO()
+    bench.print_summary(rows, out=buf)
+    text = buf.getvalue()
+    line = next(ln for ln in text.splitlines() if ln.startswith("c "))
+    assert "MISS eff<0.90, compile<1.5x*" in line and " 0.93 " in line  # copy column: 1.0 / 1.08
+    assert "c: compile<1.5x needs <= 1.0000 ms; the copy of the floor's bytes took 1.0800 ms" in text
+    # A copy that moves the floor's bytes faster leaves both targets within reach: no mark.
+    rows = _summary_rows(copy_ms=1.4, floor_copy_ms=0.95, tp_ms=1.25, compile_ms=1.5)
+    assert bench.beyond_copy(rows) == {}
+    buf = io.StringIO()
+    bench.print_summary(rows, out=buf)
+    assert "*" not in buf.getvalue().split("\n", 3)[3] and "beyond the copy" not in buf.getvalue()
+    # Decode rows are held to 0.80; without the floor copy timed nothing is marked.
+    rows = _summary_rows(copy_ms=1.4, floor_copy_ms=1.3, tp_ms=1.3, compile_ms=3.0, q=1)
+    assert bench.beyond_copy(rows) == {"eff<0.80": pytest.approx(1.25)}
+    rows = _summary_rows(copy_ms=1.4, floor_copy_ms=float("nan"), tp_ms=1.3, compile_ms=1.5)
+    assert bench.beyond_copy(rows) == {}
 
 
 @pytest.mark.timeout(900)
