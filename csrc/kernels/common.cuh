@@ -232,9 +232,25 @@ __device__ __forceinline__ float op_value(OT v) {
   }
 }
 
-// x for the V keys of chunk j0 from the scores `sv` already read and the chunk's operands read
-// as one vector each from `mc` / `bc` (global or shared memory: the mask and bias elements of
-// keys j0 .. j0 + V - 1).
+// x for the V keys of chunk j0 from the scores `sv` and the chunk's operand values `m` / `b`
+// (already read: the mask and bias elements of keys j0 .. j0 + V - 1).
+template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
+__device__ __forceinline__ void chunk_logits_vals(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
+                                                  const float (&sv)[V],
+                                                  const Vec<typename Row<T, MK, BK, Pos>::MaskT, V>& m,
+                                                  const Vec<typename Row<T, MK, BK, Pos>::BiasT, V>& b, float (&x)[V]) {
+  using R = Row<T, MK, BK, Pos>;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const float bb = R::kBias ? op_value(b.v[e]) : 0.0f;
+    const float mm = R::kMask ? op_value(m.v[e]) : 0.0f;
+    x[e] = form_value<MK, BK, Pos>(sv[e], P.layer_scale, bb, mm, r.slope, r.p, j0 + e);
+  }
+  hide_outside<V, Pos>(x, j0, r.lo, r.hi);
+}
+
+// The same with the chunk's operands read here as one vector each from `mc` / `bc` (global or
+// shared memory).
 template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
 __device__ __forceinline__ void chunk_logits_from(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
                                                   const float (&sv)[V], const typename Row<T, MK, BK, Pos>::MaskT* mc,
@@ -244,13 +260,7 @@ __device__ __forceinline__ void chunk_logits_from(const SoftmaxParams& P, const 
   Vec<typename R::BiasT, V> b;
   if constexpr (R::kMask) m = *reinterpret_cast<const Vec<typename R::MaskT, V>*>(mc);
   if constexpr (R::kBias) b = *reinterpret_cast<const Vec<typename R::BiasT, V>*>(bc);
-#pragma unroll
-  for (int e = 0; e < V; ++e) {
-    const float bb = R::kBias ? op_value(b.v[e]) : 0.0f;
-    const float mm = R::kMask ? op_value(m.v[e]) : 0.0f;
-    x[e] = form_value<MK, BK, Pos>(sv[e], P.layer_scale, bb, mm, r.slope, r.p, j0 + e);
-  }
-  hide_outside<V, Pos>(x, j0, r.lo, r.hi);
+  chunk_logits_vals<T, MK, BK, V, Pos>(P, r, j0, sv, m, b, x);
 }
 
 // x for the V keys of chunk j0 from the scores `sv` already read and 16-byte (bool: V-byte)

@@ -453,11 +453,36 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     float acc[A];
 #pragma unroll
     for (int a = 0; a < A; ++a) acc[a] = neg_inf();
+    // Rows of 8 chunks a thread (at most one operand tensor) read the next chunk's scores and
+    // operands before forming this chunk's logits, visible or not, so that a chunk's reads are in
+    // flight while the previous chunk is formed (a hidden chunk reads its slot, within the stage,
+    // and its operand row's first element: in bounds). Not with operand elements wider than the
+    // scores' (float32 operands of 16-bit scores): their two chunks in flight spill registers.
+    constexpr bool kHoist = ALIGNED && C == 8 && (!R::kMask || sizeof(MaskT) <= sizeof(T)) &&
+                            (!R::kBias || sizeof(BiasT) <= sizeof(T));
+    uint4 raw[2];
+    Vec<MaskT, V> mraw[2];
+    Vec<BiasT, V> braw[2];
+    auto read_chunk = [&](int c, int slot) {
+      raw[slot] = lds128(my_slot + static_cast<size_t>(c * t_rt + t_lane) * 16);
+      if constexpr (R::kMask)
+        mraw[slot] = *reinterpret_cast<const Vec<MaskT, V>*>(mask_src + (vis[c] ? c * mask_step + mask_ofs : 0) * V);
+      if constexpr (R::kBias)
+        braw[slot] = *reinterpret_cast<const Vec<BiasT, V>*>(bias_src + (vis[c] ? c * bias_step + bias_ofs : 0) * V);
+    };
+    if constexpr (kHoist) read_chunk(0, 0);
 #pragma unroll
     for (int c = 0; c < C; ++c) {
+      if constexpr (kHoist) {
+        if (c + 1 < C) read_chunk(c + 1, (c + 1) & 1);
+      }
       if (!vis[c]) continue;
       const int j0 = (c * ch_step + ch_base) * V;
-      if constexpr (ALIGNED) {
+      if constexpr (kHoist) {
+        float sv[V];
+        unpack_chunk<T>(raw[c & 1], sv);
+        chunk_logits_vals<T, MK, BK, V, int>(P, r, j0, sv, mraw[c & 1], braw[c & 1], kept[c]);
+      } else if constexpr (ALIGNED) {
         float sv[V];
         unpack_chunk<T>(lds128(my_slot + static_cast<size_t>(c * t_rt + t_lane) * 16), sv);
         chunk_logits_from<T, MK, BK, V, int>(P, r, j0, sv, mask_src + (c * mask_step + mask_ofs) * V,
