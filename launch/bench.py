@@ -682,6 +682,14 @@ def write_csv(rows, path: Path):
     tmp.replace(path)
 
 
+def _num(x) -> float:
+    """A CSV cell or a row value as a float (NaN when it is none)."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def draw_chart(rows, path: Path, title: str):
     try:
         import matplotlib
@@ -714,9 +722,20 @@ def draw_chart(rows, path: Path, title: str):
                 bar.set_alpha(0.45)
                 ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01, "wrong", rotation=90,
                         ha="center", va="bottom", fontsize=6)
+    # Per case, a black bar: the efficiency of the device copy of the case's floor bytes.
+    marks = []
+    for i, c in enumerate(cases):
+        r = next((r for r in rows if r["case"] == c and r["contender"] == "copy"), None)
+        if r is not None:
+            fc, fm = _num(r.get("floor_copy_ms")), _num(r.get("floor_ms"))
+            if fc > 0 and fm > 0:
+                marks.append((i, fm / fc))
+    if marks:
+        ax.scatter([i for i, _ in marks], [e for _, e in marks], marker="_", s=500, linewidths=2,
+                   color="black", zorder=3, label="copy of the floor's bytes")
     top = max([r["efficiency"] for r in rows if r["status"] == "ok" and r["efficiency"] == r["efficiency"]]
-              or [1.0])
-    ax.set_ylim(0, min(max(1.1, 1.05 * top), 2.0))
+              + [e for _, e in marks] or [1.0])
+    ax.set_ylim(0, min(max(1.1, 1.05 * top), 2.0) + 0.2)  # headroom for the legend
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axhline(0.9, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(cases)))
@@ -725,7 +744,7 @@ def draw_chart(rows, path: Path, title: str):
     if any_wrong:
         title += f"\nhatched: wrong result (max error vs float64 > {bl.WRONG:g})"
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, ncol=len(names))
+    ax.legend(fontsize=8, ncol=len(names) + (1 if marks else 0), loc="upper center")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

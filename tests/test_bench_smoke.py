@@ -412,6 +412,7 @@ def test_chart_from_csv_redraws_and_marks_wrong_results(tmp_path):
     def fake_savefig(self, path, **kw):
         drawn["title"] = self.axes[0].get_title()
         drawn["hatches"] = [p.get_hatch() for p in self.axes[0].patches]
+        drawn["marks"] = [xy for col in self.axes[0].collections for xy in col.get_offsets()]
 
     orig = plt.Figure.savefig
     plt.Figure.savefig = fake_savefig
@@ -421,3 +422,31 @@ def test_chart_from_csv_redraws_and_marks_wrong_results(tmp_path):
         plt.Figure.savefig = orig
     assert "GPU X" in drawn["title"] and "3000 GB/s" in drawn["title"] and "wrong" in drawn["title"]
     assert drawn["hatches"].count("xx") == 1  # only deepspeed's wrong bar on case a
+    assert drawn["marks"] == []  # no copy rows: no floor-bytes copy marks
+
+
+def test_chart_marks_the_copy_of_the_floor_bytes(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for case, fc in (("a", 1.25), ("b", float("nan"))):
+        rows.append({"case": case, "contender": "copy", "status": "ok", "efficiency": 0.5, "err": float("nan"),
+                     "floor_ms": 1.0, "floor_copy_ms": fc})
+        rows.append({"case": case, "contender": "tp_softmax", "status": "ok", "efficiency": 0.7, "err": 1e-4,
+                     "floor_ms": 1.0, "floor_copy_ms": float("nan")})
+    drawn = {}
+
+    def fake_savefig(self, path, **kw):
+        drawn["marks"] = [tuple(map(float, xy)) for col in self.axes[0].collections for xy in col.get_offsets()]
+
+    orig = plt.Figure.savefig
+    plt.Figure.savefig = fake_savefig
+    try:
+        bench.draw_chart(rows, tmp_path / "c.png", "t")
+    finally:
+        plt.Figure.savefig = orig
+    assert drawn["marks"] == [(0.0, pytest.approx(0.8))]  # case a: 1.0 / 1.25; case b has none
