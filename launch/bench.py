@@ -75,9 +75,8 @@ from tp_softmax import attention_softmax, head_partition  # noqa: E402
 CSV_COLUMNS = [
     "case", "contender", "status", "path", "dtype", "B", "H_local", "H_total", "mp", "head_offset",
     "Q", "K", "flags", "ranks", "slowest_rank", "ms", "ms_per_rank", "spread", "reps", "sets",
-    "host_us", "gbps", "floor_bytes", "floor_ms", "floor_copy_ms", "efficiency", "own_efficiency", "speedup", "err",
-    "masked_rows",
-    "nan_rows", "sum_err", "scaling", "note",
+    "host_us", "gbps", "floor_bytes", "floor_ms", "floor_copy_ms", "efficiency", "own_efficiency", "speedup",
+    "err", "masked_rows", "nan_rows", "sum_err", "scaling", "note",
 ]
 
 
@@ -645,7 +644,8 @@ def print_summary(rows, out=sys.stdout):
         beyond = beyond_copy(cr)
         bound = by["copy"].get("floor_copy_ms", float("nan")) if "copy" in by else float("nan")
         for m in [m for m in miss if m in beyond]:
-            bounds.append(f"  {c}: {m} needs <= {beyond[m]:.4f} ms; the copy of the floor's bytes took {bound:.4f} ms")
+            bounds.append(f"  {c}: {m} needs <= {beyond[m]:.4f} ms; "
+                          f"the copy of the floor's bytes took {bound:.4f} ms")
         miss = [m + "*" if m in beyond else m for m in miss]
         copy_eff = tp["floor_ms"] / bound if isinstance(bound, float) and bound > 0 else float("nan")
         own = tp.get("own_efficiency", "")
