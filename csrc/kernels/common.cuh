@@ -249,6 +249,12 @@ __device__ __forceinline__ void chunk_logits_vals(const SoftmaxParams& P, const 
   hide_outside<V, Pos>(x, j0, r.lo, r.hi);
 }
 
+// The V operand elements at `p` (global or shared memory) as one vector.
+template <int V, typename OT>
+__device__ __forceinline__ Vec<OT, V> read_vec(const OT* p) {
+  return *reinterpret_cast<const Vec<OT, V>*>(p);
+}
+
 // The same with the chunk's operands read here as one vector each from `mc` / `bc` (global or
 // shared memory).
 template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
@@ -258,8 +264,8 @@ __device__ __forceinline__ void chunk_logits_from(const SoftmaxParams& P, const 
   using R = Row<T, MK, BK, Pos>;
   Vec<typename R::MaskT, V> m;
   Vec<typename R::BiasT, V> b;
-  if constexpr (R::kMask) m = *reinterpret_cast<const Vec<typename R::MaskT, V>*>(mc);
-  if constexpr (R::kBias) b = *reinterpret_cast<const Vec<typename R::BiasT, V>*>(bc);
+  if constexpr (R::kMask) m = read_vec<V>(mc);
+  if constexpr (R::kBias) b = read_vec<V>(bc);
   chunk_logits_vals<T, MK, BK, V, Pos>(P, r, j0, sv, m, b, x);
 }
 

@@ -465,10 +465,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     Vec<BiasT, V> braw[2];
     auto read_chunk = [&](int c, int slot) {
       raw[slot] = lds128(my_slot + static_cast<size_t>(c * t_rt + t_lane) * 16);
-      if constexpr (R::kMask)
-        mraw[slot] = *reinterpret_cast<const Vec<MaskT, V>*>(mask_src + (vis[c] ? c * mask_step + mask_ofs : 0) * V);
-      if constexpr (R::kBias)
-        braw[slot] = *reinterpret_cast<const Vec<BiasT, V>*>(bias_src + (vis[c] ? c * bias_step + bias_ofs : 0) * V);
+      if constexpr (R::kMask) mraw[slot] = read_vec<V>(mask_src + (vis[c] ? c * mask_step + mask_ofs : 0) * V);
+      if constexpr (R::kBias) braw[slot] = read_vec<V>(bias_src + (vis[c] ? c * bias_step + bias_ofs : 0) * V);
     };
     if constexpr (kHoist) read_chunk(0, 0);
 #pragma unroll
