@@ -374,17 +374,12 @@ class Runner:
     def _floor_copy_ms(self, problem: bl.Problem) -> float:
         """Median ms of a device copy of the problem's floor bytes (half read, half written), over
         as many rotating buffer pairs as the problem has input sets; NaN if it cannot be had."""
-        n = max(4, (problem.floor.total // 2 + 15) // 16 * 4)  # float32 elements, as copy_bandwidth
         try:
-            bufs = [(torch.ones(n, device=self.device), torch.empty(n, device=self.device))
-                    for _ in problem.sets]
-            timing = self.timer.time(lambda k: bufs[k][1].copy_(bufs[k][0]), len(bufs))
-            return timing.ms
+            return bl.copy_ms(self.timer, self.device, (problem.floor.total // 2 + 15) // 16 * 16,
+                              len(problem.sets))
         except Exception:  # noqa: BLE001 - a missing bound must not end the run
             self._recover()
             return float("nan")
-        finally:
-            bufs = None
 
     def _recover(self):
         if self.device.type == "cuda":
@@ -558,6 +553,30 @@ def print_table(rows, out=sys.stdout):
               f"{r['masked_rows'] or '-':>7} {_f(r['sum_err'], '8.1e')}  {status}", file=out)
 
 
+SPEEDUP_GOALS = (("compile", 1.5), ("deepspeed", 2.0))  # tp_softmax's speed-up over each
+
+
+def eff_goal(tp_row) -> float:
+    """The efficiency target of a case: 0.80 for decode (Q == 1), 0.90 for prefill."""
+    return 0.80 if tp_row["Q"] == 1 else 0.90
+
+
+def _num(x) -> float:
+    """A CSV cell or a row value as a float (NaN when it is none)."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def floor_copy_eff(copy_row) -> float:
+    """The efficiency of the device copy of the case's floor bytes (NaN when it was not timed)."""
+    if copy_row is None:
+        return float("nan")
+    fc, fm = _num(copy_row.get("floor_copy_ms")), _num(copy_row.get("floor_ms"))
+    return fm / fc if fc > 0 and fm > 0 else float("nan")
+
+
 def targets(case_rows):
     """The goals for tp_softmax on one case; returns the misses (empty: all met)."""
     by = {r["contender"]: r for r in case_rows}
@@ -570,10 +589,10 @@ def targets(case_rows):
         if not tp["own_efficiency"] >= 0.6:
             miss.append("own eff<0.60")
     else:
-        goal = 0.80 if tp["Q"] == 1 else 0.90
+        goal = eff_goal(tp)
         if not tp["efficiency"] >= goal:
             miss.append(f"eff<{goal:.2f}")
-    for name, want in (("compile", 1.5), ("deepspeed", 2.0)):
+    for name, want in SPEEDUP_GOALS:
         r = by.get(name)
         if r is not None and r["status"] == "ok" and not r["speedup"] >= want:
             miss.append(f"{name}<{want:g}x")
@@ -595,14 +614,14 @@ def beyond_copy(case_rows):
     tp, cp = by.get("tp_softmax"), by.get("copy")
     if tp is None or cp is None or tp["status"] != "ok":
         return {}
-    bound = cp.get("floor_copy_ms", float("nan"))
-    if not (isinstance(bound, float) and bound > 0):
+    bound = _num(cp.get("floor_copy_ms"))
+    if not bound > 0:
         return {}
     need = {}
     if tp.get("own_efficiency", "") in ("", None):
-        goal = 0.80 if tp["Q"] == 1 else 0.90
+        goal = eff_goal(tp)
         need[f"eff<{goal:.2f}"] = tp["floor_ms"] / goal
-    for name, want in (("compile", 1.5), ("deepspeed", 2.0)):
+    for name, want in SPEEDUP_GOALS:
         r = by.get(name)
         if r is not None and r["status"] == "ok" and not math.isnan(r["ms"]):
             need[f"{name}<{want:g}x"] = r["ms"] / want
@@ -612,7 +631,8 @@ def beyond_copy(case_rows):
 def print_summary(rows, out=sys.stdout):
     print("summary: tp_softmax per case (x NAME = tp_softmax's speed-up over NAME; "
           "targets: eff >= 0.90 prefill / 0.80 decode, two-read rows >= 0.60 of their own floor, "
-          ">= 1.5x compile, >= 2x deepspeed; copy = the efficiency of a device copy of the floor's bytes)",
+          + ", ".join(f">= {want:g}x {name}" for name, want in SPEEDUP_GOALS)
+          + "; copy = the efficiency of a device copy of the floor's bytes)",
           file=out)
     head = (f"{'case':<24} {'path':<7} {'ms':>9} {'eff':>5} {'copy':>5} {'x compile':>9} {'x deepspeed':>11} "
             f"{'x eager':>7} {'err':>8}  targets")
@@ -642,12 +662,11 @@ def print_summary(rows, out=sys.stdout):
         path = path if path in ("kernel", "torch") else "?"
         miss = targets(cr)
         beyond = beyond_copy(cr)
-        bound = by["copy"].get("floor_copy_ms", float("nan")) if "copy" in by else float("nan")
         for m in [m for m in miss if m in beyond]:
             bounds.append(f"  {c}: {m} needs <= {beyond[m]:.4f} ms; "
-                          f"the copy of the floor's bytes took {bound:.4f} ms")
+                          f"the copy of the floor's bytes took {by['copy']['floor_copy_ms']:.4f} ms")
         miss = [m + "*" if m in beyond else m for m in miss]
-        copy_eff = tp["floor_ms"] / bound if isinstance(bound, float) and bound > 0 else float("nan")
+        copy_eff = floor_copy_eff(by.get("copy"))
         own = tp.get("own_efficiency", "")
         own_text = f" (own floor, two reads: {own:.2f})" if own not in ("", None) else ""
         print(f"{c:<24} {path:<7} {_f(tp['ms'], '9.4f')} {_f(tp['efficiency'], '5.2f')} {_f(copy_eff, '5.2f')} "
@@ -680,14 +699,6 @@ def write_csv(rows, path: Path):
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     tmp.replace(path)
-
-
-def _num(x) -> float:
-    """A CSV cell or a row value as a float (NaN when it is none)."""
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def draw_chart(rows, path: Path, title: str):
@@ -725,11 +736,9 @@ def draw_chart(rows, path: Path, title: str):
     # Per case, a black bar: the efficiency of the device copy of the case's floor bytes.
     marks = []
     for i, c in enumerate(cases):
-        r = next((r for r in rows if r["case"] == c and r["contender"] == "copy"), None)
-        if r is not None:
-            fc, fm = _num(r.get("floor_copy_ms")), _num(r.get("floor_ms"))
-            if fc > 0 and fm > 0:
-                marks.append((i, fm / fc))
+        e = floor_copy_eff(next((r for r in rows if r["case"] == c and r["contender"] == "copy"), None))
+        if e == e:
+            marks.append((i, e))
     if marks:
         ax.scatter([i for i, _ in marks], [e for _, e in marks], marker="_", s=500, linewidths=2,
                    color="black", zorder=3, label="copy of the floor's bytes")

@@ -661,13 +661,19 @@ class TritonTimer:
         return Timing(float(ms), counter[0], float("nan"))
 
 
+def copy_ms(timer, device, nbytes: int, sets: int = 2) -> float:
+    """Median ms of a device-to-device copy of ``nbytes`` (rounded down to float32 elements, at
+    least one), rotating over ``sets`` source / destination pairs."""
+    n = max(1, nbytes // 4)
+    src = [torch.randn(n, device=device) for _ in range(sets)]
+    dst = [torch.empty_like(x) for x in src]
+    return timer.time(lambda k: dst[k].copy_(src[k]), sets).ms
+
+
 def copy_bandwidth(timer, device, nbytes: int) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     n = nbytes // 4
-    src = [torch.randn(n, device=device), torch.randn(n, device=device)]
-    dst = [torch.empty_like(src[0]), torch.empty_like(src[1])]
-    timing = timer.time(lambda k: dst[k].copy_(src[k]), 2)
-    return 2 * n * 4 / (timing.ms * 1e-3)
+    return 2 * n * 4 / (copy_ms(timer, device, nbytes) * 1e-3)
 
 
 # ----------------------------------------------------------------------------------------------
