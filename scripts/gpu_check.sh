@@ -83,10 +83,11 @@ if has ncu; then
       --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
       python3 scripts/profile_case.py $args >> "$OUT/ncu.txt" 2>&1
   done <<'CASES'
-bert 32 16 16 512 512 fp16 pad
 bloom 1 56 112 2048 2048 fp16 causal alibi pad
+gpt 8 16 16 1024 1024 bf16 causal pad
 decode-b8-k64k 8 32 32 1 65536 bf16
-decode-b64-k4k 64 32 128 1 4096 fp16 alibi pad
+fp32-alibi 4 16 32 512 512 fp32 causal alibi
+k256k 1 128 128 1 262144 bf16
 long-32k 1 2 2 32768 32768 bf16 causal
 CASES
   note ncu ok "$(grep -c 'DRAM Throughput' "$OUT/ncu.txt") profiles (ncu.txt)"
