@@ -112,24 +112,27 @@ struct RowSpan {
 
   __device__ __forceinline__ RowSpan(const SoftmaxParams& P, int64_t row) {
     if (P.rows32) {  // fewer than 2^31 rows: 32-bit multiplications instead of 64-bit ones
-      uint32_t bh, b32, h32, i32;
-      divmod<uint32_t>(static_cast<uint32_t>(row), static_cast<uint32_t>(P.Q), P.q_magic32, bh, i32);
-      divmod<uint32_t>(bh, static_cast<uint32_t>(P.H), P.h_magic32, b32, h32);
-      b = b32;
-      h = h32;
-      i = i32;
+      split_row<uint32_t>(static_cast<uint32_t>(row), static_cast<uint32_t>(P.Q), static_cast<uint32_t>(P.H),
+                          P.q_magic32, P.h_magic32);
     } else {
-      uint64_t bh, b64, h64, i64;
-      divmod<uint64_t>(static_cast<uint64_t>(row), static_cast<uint64_t>(P.Q), P.q_magic, bh, i64);
-      divmod<uint64_t>(bh, static_cast<uint64_t>(P.H), P.h_magic, b64, h64);
-      b = static_cast<int64_t>(b64);
-      h = static_cast<int64_t>(h64);
-      i = static_cast<int64_t>(i64);
+      split_row<uint64_t>(static_cast<uint64_t>(row), static_cast<uint64_t>(P.Q), static_cast<uint64_t>(P.H),
+                          P.q_magic, P.h_magic);
     }
     p = static_cast<Pos>(i + P.K - P.Q);
     hi = hi_at(P, p);
     const Pos first = p - static_cast<Pos>(P.window) + 1;
     lo = (P.window > 0 && first > 0) ? first : 0;
+  }
+
+  // b, h and i of `row` = (b * H + h) * Q + i, in U-bit arithmetic (magic numbers of that width).
+  template <typename U>
+  __device__ __forceinline__ void split_row(U row, U Q, U H, U q_magic, U h_magic) {
+    U bh, bu, hu, iu;
+    divmod<U>(row, Q, q_magic, bh, iu);
+    divmod<U>(bh, H, h_magic, bu, hu);
+    b = static_cast<int64_t>(bu);
+    h = static_cast<int64_t>(hu);
+    i = static_cast<int64_t>(iu);
   }
 
   // The last key a query at position p sees.
