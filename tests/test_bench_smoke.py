@@ -382,6 +382,31 @@ def test_git_commit_marks_changed_trees(tmp_path):
     assert bench.git_commit(tmp_path / "missing") == "?"
 
 
+def _drawn(draw):
+    """Run ``draw`` with matplotlib's savefig replaced; return what the chart's axes held: title,
+    bar hatches and scatter marks (x, y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+
+    def fake_savefig(self, path, **kw):
+        ax = self.axes[0]
+        drawn["title"] = ax.get_title()
+        drawn["hatches"] = [p.get_hatch() for p in ax.patches]
+        drawn["marks"] = [tuple(map(float, xy)) for col in ax.collections for xy in col.get_offsets()]
+
+    orig = plt.Figure.savefig
+    plt.Figure.savefig = fake_savefig
+    try:
+        draw()
+    finally:
+        plt.Figure.savefig = orig
+    return drawn
+
+
 def test_chart_from_csv_redraws_and_marks_wrong_results(tmp_path):
     pytest.importorskip("matplotlib")
     fields = ["case", "contender", "status", "efficiency", "err"]
@@ -402,24 +427,7 @@ def test_chart_from_csv_redraws_and_marks_wrong_results(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     png = out / "bench_efficiency.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    drawn = {}
-
-    def fake_savefig(self, path, **kw):
-        drawn["title"] = self.axes[0].get_title()
-        drawn["hatches"] = [p.get_hatch() for p in self.axes[0].patches]
-        drawn["marks"] = [xy for col in self.axes[0].collections for xy in col.get_offsets()]
-
-    orig = plt.Figure.savefig
-    plt.Figure.savefig = fake_savefig
-    try:
-        bench.chart_from_csv(tmp_path / "bench.csv", tmp_path / "again")
-    finally:
-        plt.Figure.savefig = orig
+    drawn = _drawn(lambda: bench.chart_from_csv(tmp_path / "bench.csv", tmp_path / "again"))
     assert "GPU X" in drawn["title"] and "3000 GB/s" in drawn["title"] and "wrong" in drawn["title"]
     assert drawn["hatches"].count("xx") == 1  # only deepspeed's wrong bar on case a
     assert drawn["marks"] == []  # no copy rows: no floor-bytes copy marks
@@ -427,26 +435,11 @@ def test_chart_from_csv_redraws_and_marks_wrong_results(tmp_path):
 
 def test_chart_marks_the_copy_of_the_floor_bytes(tmp_path):
     pytest.importorskip("matplotlib")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = []
     for case, fc in (("a", 1.25), ("b", float("nan"))):
         rows.append({"case": case, "contender": "copy", "status": "ok", "efficiency": 0.5, "err": float("nan"),
                      "floor_ms": 1.0, "floor_copy_ms": fc})
         rows.append({"case": case, "contender": "tp_softmax", "status": "ok", "efficiency": 0.7, "err": 1e-4,
                      "floor_ms": 1.0, "floor_copy_ms": float("nan")})
-    drawn = {}
-
-    def fake_savefig(self, path, **kw):
-        drawn["marks"] = [tuple(map(float, xy)) for col in self.axes[0].collections for xy in col.get_offsets()]
-
-    orig = plt.Figure.savefig
-    plt.Figure.savefig = fake_savefig
-    try:
-        bench.draw_chart(rows, tmp_path / "c.png", "t")
-    finally:
-        plt.Figure.savefig = orig
+    drawn = _drawn(lambda: bench.draw_chart(rows, tmp_path / "c.png", "t"))
     assert drawn["marks"] == [(0.0, pytest.approx(0.8))]  # case a: 1.0 / 1.25; case b has none
