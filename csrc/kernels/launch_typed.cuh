@@ -121,6 +121,7 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
                                          : staged_softmax_kernel<T, MK, BK, C, false, false>);
       const StageLayout L = aligned ? staged_layout<T, MK, BK, C>(p, cfg.row_threads, cfg.cluster)
                                     : StageLayout{0, 0, kOpGlobal, kOpGlobal, 0, 0, 0, 0};
+      const int threads = aligned && !clustered && kWarpSpecialised<C, true, false> ? kWsThreads : kStagedThreads;
       const int smem = L.stages * (L.stage_bytes + L.table_bytes);
       if (aligned && std::getenv("TP_SOFTMAX_LAUNCH_INFO") != nullptr) {
         static const char* const kModes[] = {"global", "per row", "per head", "per batch"};
@@ -133,11 +134,11 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
       const int64_t ntiles = (rows + rows_per_tile - 1) / rows_per_tile;
       int64_t units = 0;
       const cudaError_t e =
-          resident_units(reinterpret_cast<const void*>(kernel), kStagedThreads, smem, cfg.cluster, units);
+          resident_units(reinterpret_cast<const void*>(kernel), threads, smem, cfg.cluster, units);
       if (e != cudaSuccess) return e;
       if (units > ntiles) units = ntiles;
-      return launch_clustered(kernel, units * cfg.cluster, kStagedThreads, smem, cfg.cluster, stream, p,
-                              cfg.row_threads, cfg.cluster, ntiles, L);
+      return launch_clustered(kernel, units * cfg.cluster, threads, smem, cfg.cluster, stream, p, cfg.row_threads,
+                              cfg.cluster, ntiles, L);
     });
   });
 }

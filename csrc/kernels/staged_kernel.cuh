@@ -3,7 +3,8 @@
 // A persistent grid of 256-thread blocks (two per SM) walks over tiles of rows. A tile is
 // 32 KiB of scores: R = 256 / rt rows of rt * 8 sixteen-byte chunks each (rt threads per row,
 // a power of two up to 256), or, for rows longer than 32 KiB, one 32 KiB slice of a row for
-// each block of a thread-block cluster of up to 16 blocks. Warp 0 copies the visible part of
+// each block of a thread-block cluster of up to 16 blocks. Warp 0 (or, in the warp-specialised
+// blocks of rows with two operand tensors, a ninth warp of its own) copies the visible part of
 // each row of a tile into one of 2 to 6 shared-memory stages with `cp.async.bulk`, completing on
 // the stage's mbarrier, so that tiles are in flight while a tile is computed; with them, where it
 // pays, the mask / bias rows the tile reads (StageLayout). Thread `lane` of
@@ -30,6 +31,22 @@ constexpr int kStagedThreads = 256;
 constexpr int kStagedSmemBudget = 110 * 1024;  // dynamic shared memory for the stages (two blocks/SM)
 constexpr int kMaxStages = 6;
 
+// Rows of 4 chunks a thread (16-byte aligned, one block per row) run in a warp-specialised block:
+// the 256 compute threads and a ninth warp, the producer, that issues every copy and writes each
+// tile's row table. The compute warps no longer wait for a copy warp's turn: a stage is refilled
+// as soon as its eight warps have read it. Producer and compute warps meet at two named barriers
+// per stage, where one side arrives without waiting: kTableBar + s (the table of the stage's tile
+// is written) and kFreeBar + s (the stage and its table have been read). (An mbarrier would order
+// the table's ordinary stores before the reads as well, but the race checker orders them only by
+// barriers.) Without the copies in their code, the compute threads fit in the 96 registers a
+// thread of two such blocks an SM has (18 warps: five on some scheduler, 5 x 32 x 96 <= 16384).
+template <int C, bool ALIGNED, bool CLUSTER>
+constexpr bool kWarpSpecialised = C == 4 && ALIGNED && !CLUSTER;
+constexpr int kWsThreads = kStagedThreads + 32;
+constexpr int kComputeBar = 1, kTableBar = 2, kFreeBar = 2 + kMaxStages;  // named barrier ids
+template <int C, bool ALIGNED, bool CLUSTER>
+constexpr int kBlockThreads = kWarpSpecialised<C, ALIGNED, CLUSTER> ? kWsThreads : kStagedThreads;
+
 // C chunks per thread: 8 (32 KiB tiles, 3 stages without staged operands), or 4 (16 KiB tiles,
 // 6 stages) for rows that read a mask or bias tensor (their operand loads and 8 chunks of logits
 // would not fit in the 128 registers of two blocks per SM).
@@ -45,7 +62,7 @@ struct TileGeometry {
 enum OpMode : int { kOpGlobal = -1, kOpPerRow = 0, kOpPerHead = 1, kOpPerBatch = 2 };
 
 // Rows of 4 chunks a thread (two operand tensors) take their span and pointers from a table the
-// copy warp writes as it issues a tile (it computes them anyway), instead of every thread
+// copy warp (the producer warp, where warp-specialised) writes as it issues a tile (it computes them anyway), instead of every thread
 // computing them again: two 64-bit divisions and four pointers a row, about a sixth of the
 // instructions of BLOOM prefill's kernel (ncu, v12). With 8 chunks a thread, the rows kept in
 // registers from the table spill.
@@ -317,13 +334,39 @@ StageLayout staged_layout(const SoftmaxParams& p, int rt, int cluster) {
   }
 }
 
+// Named barriers: wait for `threads` arrivals (this warp's included), or arrive without waiting.
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// The producer warp of a warp-specialised block: the block's tiles t = blockIdx.x + i * gridDim.x,
+// tile i into stage i % stages once the compute warps have read the tile that stage held.
+template <typename T, MaskKind MK, BiasKind BK>
+__device__ __forceinline__ void produce_tiles(const SoftmaxParams& P, const TileShape& ts, const StageLayout& L,
+                                              int64_t ntiles, int64_t rows, StagedScratch& sh, uint8_t* stage_mem) {
+  uint8_t* const table = stage_mem + L.stages * L.stage_bytes;
+  int s = 0;  // the stage of tile i
+  for (int64_t t = blockIdx.x, i = 0; t < ntiles; t += gridDim.x, ++i) {
+    if (i >= L.stages) bar_sync(kFreeBar + s, kWsThreads);
+    issue_tile<T, MK, BK, true>(P, ts, L, t, rows, stage_mem + s * L.stage_bytes, smem_u32(&sh.full[s]),
+                                table + s * L.table_bytes);
+    bar_arrive(kTableBar + s, kWsThreads);
+    if (++s == L.stages) s = 0;
+  }
+}
+
 // ---- the kernel ----------------------------------------------------------------------------------
 // Grid: units of `cluster` blocks; unit u takes tiles u, u + units, ... (`ntiles` in all).
 // CLUSTER: rows longer than one slice, shared by a cluster of `cluster` (2 to 16) blocks; else
 // `cluster` is 1 (a template parameter so that rows of one block carry none of the exchange).
 template <typename T, MaskKind MK, BiasKind BK, int C, bool ALIGNED, bool CLUSTER>
-__global__ void __launch_bounds__(kStagedThreads, 2)
+__global__ void __launch_bounds__(kBlockThreads<C, ALIGNED, CLUSTER>, 2)
 staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t ntiles, const StageLayout L) {
+  constexpr bool WS = kWarpSpecialised<C, ALIGNED, CLUSTER>;
+  constexpr bool kTable = kRowTable<C> && ALIGNED;  // rows from the copy warp's table
   constexpr int V = 16 / sizeof(T);
   using R = Row<T, MK, BK, int>;
   using MaskT = typename R::MaskT;
@@ -338,7 +381,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   __shared__ TileShape ts_shared;
 
   const int cluster = cluster_arg;  // 1 without CLUSTER (kept a runtime value: ptxas allocates better)
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x;  // in a warp-specialised block, tid >= 256: the producer warp
   const int warp = tid >> 5;
   TileShape ts;
   ts.rt = rt;
@@ -353,7 +396,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   const int row_in_tile = tid >> ts.rt_shift;
   const int64_t rows = P.B * P.H * P.Q;
   const int64_t unit = blockIdx.x / cluster;
-  uint8_t* const row_table = kRowTable<C> ? stage_mem + L.stages * L.stage_bytes : nullptr;
+  uint8_t* const row_table = kTable ? stage_mem + L.stages * L.stage_bytes : nullptr;
   const int64_t nunits = gridDim.x / cluster;
 
   if (tid == 0) {
@@ -370,16 +413,21 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   } else if (ALIGNED) {
     __syncthreads();
   }
-  if constexpr (ALIGNED) {
+  if constexpr (WS) {
+    if (tid >= kStagedThreads) {  // the producer warp
+      produce_tiles<T, MK, BK>(P, ts_shared, L, ntiles, rows, sh, stage_mem);
+      return;
+    }
+  } else if constexpr (ALIGNED) {
     if (warp == 0) {
       for (int s = 0; s < L.stages; ++s) {
         const int64_t t = unit + s * nunits;
         if (t < ntiles)
-          issue_tile<T, MK, BK, kRowTable<C>>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes,
-                                              smem_u32(&sh.full[s]), row_table + s * L.table_bytes);
+          issue_tile<T, MK, BK, kTable>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes,
+                                        smem_u32(&sh.full[s]), row_table + s * L.table_bytes);
       }
     }
-    if (kRowTable<C>) __syncthreads();  // the row tables of the first tiles are written
+    if (kTable) __syncthreads();  // the row tables of the first tiles are written
   }
 
   int k = 0;           // tiles done by this block
@@ -399,9 +447,13 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     // The row's span and pointers: from the copy warp's table of the tile's rows, or computed
     // here. (The copy warp wrote the table when it issued the tile, before a block barrier this
     // thread has passed since: the one after the first copies, or that of an earlier tile; and
-    // overwrites it only after this tile's barrier.)
+    // overwrites it only after this tile's barrier. The producer warp of a warp-specialised block
+    // orders its writes by the stage's two named barriers instead.)
     const R r = [&]() -> R {
-      if constexpr (ALIGNED && kRowTable<C>) {
+      if constexpr (WS) {  // the producer wrote the table before arriving here
+        bar_sync(kTableBar + s, kWsThreads);
+        return reinterpret_cast<const R*>(row_table + s * L.table_bytes)[row_in_tile];
+      } else if constexpr (kTable) {
         return reinterpret_cast<const R*>(row_table + s * L.table_bytes)[row_in_tile];
       } else {
         return R(P, active ? row : 0);
@@ -491,6 +543,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
 #pragma unroll
       for (int e = 0; e < V; ++e) acc[e % A] = fmaxf(acc[e % A], kept[c][e]);
     }
+    // This warp is done with the stage and its table: the producer may refill them (if it will).
+    if (WS && t + L.stages * nunits < ntiles) bar_arrive(kFreeBar + s, kWsThreads);
     MS st{fmaxf(fmaxf(acc[0], acc[1]), fmaxf(acc[2], acc[3])), 0.0f};
     {
       const float shift = ms_shift(st.m) * kLog2e;
@@ -517,7 +571,11 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       sh.warp_max[par][warp] = st.m;
       sh.warp_sum[par][warp] = st.s;
     }
-    if (block_rows || ALIGNED) __syncthreads();
+    if constexpr (WS) {
+      bar_sync(kComputeBar, kStagedThreads);  // the compute warps (not the producer)
+    } else if (block_rows || ALIGNED) {
+      __syncthreads();
+    }
     if (block_rows) {
       const int w0 = row_in_tile * (rt >> 5);
       st = CLUSTER ? combine_warps_max_first(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5)
@@ -552,9 +610,9 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       // Every thread was done with stage s at the barrier above: refill it. (Here, not right after
       // the barrier, where the copy warp's work would add to the registers that hold the logits.)
       const int64_t t2 = t + L.stages * nunits;
-      if (warp == 0 && t2 < ntiles)
-        issue_tile<T, MK, BK, kRowTable<C>>(P, ts_shared, L, t2, rows, stage_mem + s * L.stage_bytes,
-                                            smem_u32(&sh.full[s]), row_table + s * L.table_bytes);
+      if (!WS && warp == 0 && t2 < ntiles)
+        issue_tile<T, MK, BK, kTable>(P, ts_shared, L, t2, rows, stage_mem + s * L.stage_bytes,
+                                      smem_u32(&sh.full[s]), row_table + s * L.table_bytes);
       if (++s == L.stages) {
         s = 0;
         phase ^= 1u;
