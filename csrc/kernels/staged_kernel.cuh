@@ -44,6 +44,7 @@ template <int C, bool ALIGNED, bool CLUSTER>
 constexpr bool kWarpSpecialised = C == 4 && ALIGNED && !CLUSTER;
 constexpr int kWsThreads = kStagedThreads + 32;
 constexpr int kComputeBar = 1, kTableBar = 2, kFreeBar = 2 + kMaxStages;  // named barrier ids
+static_assert(kFreeBar + kMaxStages <= 16, "a block has 16 named barriers");
 template <int C, bool ALIGNED, bool CLUSTER>
 constexpr int kBlockThreads = kWarpSpecialised<C, ALIGNED, CLUSTER> ? kWsThreads : kStagedThreads;
 
@@ -62,10 +63,10 @@ struct TileGeometry {
 enum OpMode : int { kOpGlobal = -1, kOpPerRow = 0, kOpPerHead = 1, kOpPerBatch = 2 };
 
 // Rows of 4 chunks a thread (two operand tensors) take their span and pointers from a table the
-// copy warp (the producer warp, where warp-specialised) writes as it issues a tile (it computes them anyway), instead of every thread
-// computing them again: two 64-bit divisions and four pointers a row, about a sixth of the
-// instructions of BLOOM prefill's kernel (ncu, v12). With 8 chunks a thread, the rows kept in
-// registers from the table spill.
+// copy warp (the producer warp, where warp-specialised) writes as it issues a tile (it computes
+// them anyway), instead of every thread computing them again: two divisions and four pointers a
+// row, about a sixth of the instructions of BLOOM prefill's kernel (ncu, v12, with 64-bit
+// divisions). With 8 chunks a thread, the rows kept in registers from the table spill.
 template <int C>
 constexpr bool kRowTable = C == 4;
 
