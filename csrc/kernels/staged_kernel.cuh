@@ -36,7 +36,8 @@ constexpr int kMaxStages = 6;
 // tile's row table. The compute warps no longer wait for a copy warp's turn: a stage is refilled
 // as soon as its eight warps have read it. Producer and compute warps meet at two named barriers
 // per stage, where one side arrives without waiting: kTableBar + s (the table of the stage's tile
-// is written) and kFreeBar + s (the stage and its table have been read). (An mbarrier would order
+// is written; the compute warps wait for the next tile's table at the barrier they meet at in the
+// middle of each tile anyway) and kFreeBar + s (the stage and its table have been read). (An mbarrier would order
 // the table's ordinary stores before the reads as well, but the race checker orders them only by
 // barriers.) Without the copies in their code, the compute threads fit in the 96 registers a
 // thread of two such blocks an SM has (18 warps: five on some scheduler, 5 x 32 x 96 <= 16384).
@@ -419,6 +420,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       produce_tiles<T, MK, BK>(P, ts_shared, L, ntiles, rows, sh, stage_mem);
       return;
     }
+    if (unit < ntiles) bar_sync(kTableBar, kWsThreads);  // the first tile's table
   } else if constexpr (ALIGNED) {
     if (warp == 0) {
       for (int s = 0; s < L.stages; ++s) {
@@ -451,8 +453,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     // overwrites it only after this tile's barrier. The producer warp of a warp-specialised block
     // orders its writes by the stage's two named barriers instead.)
     const R r = [&]() -> R {
-      if constexpr (WS) {  // the producer wrote the table before arriving here
-        bar_sync(kTableBar + s, kWsThreads);
+      if constexpr (WS) {  // written before the barrier of the previous tile (or the first one)
         return reinterpret_cast<const R*>(row_table + s * L.table_bytes)[row_in_tile];
       } else if constexpr (kTable) {
         return reinterpret_cast<const R*>(row_table + s * L.table_bytes)[row_in_tile];
@@ -573,7 +574,13 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       sh.warp_sum[par][warp] = st.s;
     }
     if constexpr (WS) {
-      bar_sync(kComputeBar, kStagedThreads);  // the compute warps (not the producer)
+      // The compute warps meet; where the block has a next tile, with the producer's arrival
+      // after it wrote that tile's table.
+      if (t + nunits < ntiles) {
+        bar_sync(kTableBar + (s + 1 == L.stages ? 0 : s + 1), kWsThreads);
+      } else {
+        bar_sync(kComputeBar, kStagedThreads);
+      }
     } else if (block_rows || ALIGNED) {
       __syncthreads();
     }
