@@ -37,10 +37,11 @@ constexpr int kMaxStages = 6;
 // as soon as its eight warps have read it. Producer and compute warps meet at two named barriers
 // per stage, where one side arrives without waiting: kTableBar + s (the table of the stage's tile
 // is written; the compute warps wait for the next tile's table at the barrier they meet at in the
-// middle of each tile anyway) and kFreeBar + s (the stage and its table have been read). (An mbarrier would order
-// the table's ordinary stores before the reads as well, but the race checker orders them only by
-// barriers.) Without the copies in their code, the compute threads fit in the 96 registers a
-// thread of two such blocks an SM has (18 warps: five on some scheduler, 5 x 32 x 96 <= 16384).
+// middle of each tile anyway) and kFreeBar + s (the stage and its table have been read). (An
+// mbarrier would order the table's ordinary stores before the reads as well, but the race checker
+// orders them only by barriers.) Without the copies in their code, the compute threads fit in the
+// 96 registers a thread of two such blocks an SM has (18 warps: five on some scheduler,
+// 5 x 32 x 96 <= 16384).
 template <int C, bool ALIGNED, bool CLUSTER>
 constexpr bool kWarpSpecialised = C == 4 && ALIGNED && !CLUSTER;
 constexpr int kWsThreads = kStagedThreads + 32;
