@@ -361,6 +361,10 @@ def test_streaming_path_and_cluster_path_reported():
     # a mask and an alibi tensor: 4 chunks per thread, so half as many keys per block
     assert "x 4 chunk" in _kernel.row_config(8192, torch.float16, two_operands=True)
     assert "cluster 2," in _kernel.row_config(16384, torch.float16, two_operands=True)
+    # rows of one block with two operand tensors have a producer warp; cluster rows do not
+    assert "producer warp" in _kernel.row_config(8192, torch.float16, two_operands=True)
+    assert "producer warp" not in _kernel.row_config(16384, torch.float16, two_operands=True)
+    assert "producer warp" not in _kernel.row_config(8192, torch.float16)
 
 
 # Many more tiles than resident blocks: every stage of the copy pipeline is reused many times
