@@ -452,11 +452,10 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     // here. (The copy warp wrote the table when it issued the tile, before a block barrier this
     // thread has passed since: the one after the first copies, or that of an earlier tile; and
     // overwrites it only after this tile's barrier. The producer warp of a warp-specialised block
-    // orders its writes by the stage's two named barriers instead.)
+    // wrote it before the named barrier of the previous tile, or the first one, and overwrites it
+    // only after this tile's kFreeBar.)
     const R r = [&]() -> R {
-      if constexpr (WS) {  // written before the barrier of the previous tile (or the first one)
-        return reinterpret_cast<const R*>(row_table + s * L.table_bytes)[row_in_tile];
-      } else if constexpr (kTable) {
+      if constexpr (kTable) {
         return reinterpret_cast<const R*>(row_table + s * L.table_bytes)[row_in_tile];
       } else {
         return R(P, active ? row : 0);
