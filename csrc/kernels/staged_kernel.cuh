@@ -349,8 +349,8 @@ __device__ __forceinline__ void bar_arrive(int id, int threads) {
 // tile i into stage i % stages once the compute warps have read the tile that stage held.
 template <typename T, MaskKind MK, BiasKind BK>
 __device__ __forceinline__ void produce_tiles(const SoftmaxParams& P, const TileShape& ts, const StageLayout& L,
-                                              int64_t ntiles, int64_t rows, StagedScratch& sh, uint8_t* stage_mem) {
-  uint8_t* const table = stage_mem + L.stages * L.stage_bytes;
+                                              int64_t ntiles, int64_t rows, StagedScratch& sh, uint8_t* stage_mem,
+                                              uint8_t* table) {
   int s = 0;  // the stage of tile i
   for (int64_t t = blockIdx.x, i = 0; t < ntiles; t += gridDim.x, ++i) {
     if (i >= L.stages) bar_sync(kFreeBar + s, kWsThreads);
@@ -418,7 +418,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   }
   if constexpr (WS) {
     if (tid >= kStagedThreads) {  // the producer warp
-      produce_tiles<T, MK, BK>(P, ts_shared, L, ntiles, rows, sh, stage_mem);
+      produce_tiles<T, MK, BK>(P, ts_shared, L, ntiles, rows, sh, stage_mem, row_table);
       return;
     }
     if (unit < ntiles) bar_sync(kTableBar, kWsThreads);  // the first tile's table
