@@ -1,7 +1,7 @@
 """A representative subset of kernel variants, for compute-sanitizer (memcheck, racecheck).
 
 Small shapes so the sanitizer finishes quickly; covers each row configuration (one thread,
-sub-warp, warp, block, clusters of 2 to 16 blocks, streaming), aligned and strided operands, masks,
+sub-warp, warp, block, clusters of 2 to 16 blocks, long rows staged and read twice), aligned and strided operands, masks,
 alibi, in place.
 """
 
@@ -22,5 +22,10 @@ for dtype in (torch.float16, torch.float32):
         attention_softmax(s[..., : K - 1], alibi_slopes=tp_softmax.alibi_slopes(2).to(dev),
                           mask=torch.zeros(Q, K - 1, device=dev, dtype=dtype))
         attention_softmax(s, inplace=True, causal=True)
+# Long rows, staged: more rows than the resident clusters take at once, so each block's ring of
+# 27 pieces wraps (96 rows of 17 pieces over about 33 clusters of 4); the window leaves pieces
+# empty.
+s = torch.randn(8, 6, 2, 270000, device=dev).to(torch.float16)
+attention_softmax(s, causal=True, window=100001, alibi_slopes=tp_softmax.alibi_slopes(6).to(dev))
 torch.cuda.synchronize()
 print("sanitize cases done")

@@ -351,8 +351,20 @@ def test_second_gpu():
 def test_streaming_path_and_cluster_path_reported():
     from tp_softmax import _kernel
 
-    assert "two reads" in _kernel.row_config(600000, torch.float16)
-    assert "two reads" in _kernel.row_config(262144, torch.float32)
+    # longer rows than a cluster of 16 slices: staged pieces of 8 KiB (512 chunks), up to 27 a
+    # block, on the smallest cluster of 4, 8 or 16 blocks that holds the row
+    for K, dtype, cluster, pieces in ((262152, torch.float16, 4, 17), (300000, torch.bfloat16, 4, 19),
+                                      (27 * 512 * 4 * 8, torch.float16, 4, 27),
+                                      (27 * 512 * 4 * 8 + 8, torch.float16, 8, 14),
+                                      (600000, torch.float16, 8, 19), (262144, torch.float32, 8, 16),
+                                      (1 << 20, torch.float16, 16, 16),
+                                      (27 * 8192 * 8, torch.bfloat16, 16, 27), (27 * 8192 * 4, torch.float32, 16, 27)):
+        text = _kernel.row_config(K, dtype)
+        assert "one read (long rows)" in text and f"{pieces} piece(s)" in text, text
+        assert f"cluster {cluster} x" in text, text
+    for K, dtype in ((27 * 8192 * 8 + 8, torch.float16), (27 * 8192 * 4 + 4, torch.float32)):
+        text = _kernel.row_config(K, dtype)
+        assert "two reads" in text and "cluster 16" in text, text
     for K, dtype in ((131072, torch.float32), (262144, torch.bfloat16)):
         text = _kernel.row_config(K, dtype)
         assert "one read" in text and "cluster 16" in text, text
@@ -449,3 +461,55 @@ def test_staged_operands_same_bits_as_global(case, capfd, monkeypatch):
     assert torch.equal(staged.view(torch.int16 if dtype != torch.float32 else torch.int32),
                        plain.view(torch.int16 if dtype != torch.float32 else torch.int32))
     check(staged, (scores,), kwargs, dtype)
+
+
+# Rows longer than 16 slices: a 16-byte aligned row is staged in shared memory once (a ring of
+# 8 KiB pieces per block, refilled with the next rows' pieces while a row is written); rows that
+# are not aligned are read twice from global memory in the same order. Both must give the same
+# bits, and TP_SOFTMAX_LAUNCH_INFO says which path ran, so neither side can pass by not running.
+# More rows than the resident clusters (about 33 of 4 blocks, 16 of 8, 7 of 16 on an H100) take
+# at once: each block's ring of 27 pieces wraps; the window and the causal rows leave pieces with
+# no visible key (a copy of nothing).
+LONG_CASES = [
+    # name, dtype, B, H, Q, K, kwargs
+    ("causal-window-mask-alibi", torch.float16, 4, 4, 6, 300000, "cwma"),
+    ("decode-slopes", torch.bfloat16, 8, 8, 1, 600000, "s"),
+    ("f32-causal", torch.float32, 2, 3, 8, 262152, "c"),
+    ("most-pieces", torch.bfloat16, 1, 2, 3, 27 * 8192 * 8, "cw"),
+]
+
+
+@pytest.mark.parametrize("case", LONG_CASES, ids=lambda c: c[0])
+def test_long_rows_staged_same_bits_as_two_reads(case, capfd, monkeypatch):
+    name, dtype, B, H, Q, K, flags = case
+    gen = torch.Generator(device="cuda").manual_seed(K + Q)
+    H_total = H + 2
+    scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).mul_(4).to(dtype)
+    kwargs = dict(causal="c" in flags, head_offset=2, layer_scale=0.5)
+    if "w" in flags:
+        kwargs["window"] = K // 3 + 5
+    if "m" in flags:
+        kwargs["mask"] = torch.rand(B, 1, Q, K, device="cuda", generator=gen) > 0.2
+    if "a" in flags:
+        kwargs["alibi"] = torch.randn(B * H_total, 1, K, device="cuda", generator=gen).to(dtype)
+    if "s" in flags:
+        kwargs["alibi_slopes"] = tp_softmax.alibi_slopes(H_total).cuda()
+    monkeypatch.setenv("TP_SOFTMAX_LAUNCH_INFO", "1")
+    capfd.readouterr()
+    staged = poisoned_call(scores, **kwargs)
+    info = [ln for ln in capfd.readouterr().err.splitlines() if "long rows" in ln]
+    assert info and "long rows: staged" in info[-1], info
+    unaligned = torch.empty(B, H, Q, K + 1, device="cuda", dtype=dtype)[..., 1:]
+    unaligned.copy_(scores)
+    twice = poisoned_call(unaligned, **kwargs)
+    info = [ln for ln in capfd.readouterr().err.splitlines() if "long rows" in ln]
+    assert info and "long rows: two reads" in info[-1], info
+    as_int = torch.int16 if dtype != torch.float32 else torch.int32
+    assert torch.equal(staged.view(as_int), twice.contiguous().view(as_int))
+    # in place: the same bits
+    inplace = attention_softmax(scores.clone(), inplace=True, **kwargs)
+    assert torch.equal(inplace.view(as_int), staged.view(as_int))
+    check(staged, (scores,), kwargs, dtype)
+    if kwargs.get("window") is not None:
+        # keys before the window are written as zeros (their pieces are never copied)
+        assert torch.equal(staged[..., :K // 2 - 8], torch.zeros_like(staged[..., :K // 2 - 8]))

@@ -35,7 +35,8 @@ inline cudaLaunchConfig_t cluster_launch_config(int64_t blocks, int threads, int
 // Blocks of `kernel` (in units of `cluster`) that are resident at once on the current device;
 // the function attributes are set on the first call per kernel, device, cluster size and dynamic
 // shared memory size.
-inline cudaError_t resident_units(const void* kernel, int threads, int smem, int cluster, int64_t& units) {
+inline cudaError_t resident_units(const void* kernel, int threads, int smem, int cluster, int64_t& units,
+                                  int max_smem = kStagedSmemBudget) {
   struct Entry {
     const void* kernel;
     int device, cluster, smem;
@@ -55,7 +56,7 @@ inline cudaError_t resident_units(const void* kernel, int threads, int smem, int
     }
   if (smem > 0) {
     // The largest size any launch of the kernel asks for (the layout depends on the operands).
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStagedSmemBudget);
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
     if (e != cudaSuccess) return e;
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
     if (e != cudaSuccess) return e;
@@ -105,12 +106,22 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
   return MASK_KIND_SWITCH(p.mask_kind, MK, [&] {
     return BIAS_KIND_SWITCH(p.bias_kind, BK, [&] {
       if (cfg.chunks == 0) {
-        auto kernel = aligned ? streaming_softmax_kernel<T, MK, BK, true> : streaming_softmax_kernel<T, MK, BK, false>;
-        const int64_t max_groups = (int64_t{1} << 31) / cfg.cluster - 1;
-        const int64_t groups = rows < max_groups ? rows : max_groups;  // groups stride over the rows
-        // (its cluster is 8: portable, no attribute to set)
-        return launch_clustered(kernel, groups * cfg.cluster, cfg.block_threads, 0, cfg.cluster, stream, p,
-                                cfg.cluster);
+        const bool staged = aligned && cfg.staged;
+        auto kernel = staged    ? streaming_softmax_kernel<T, MK, BK, true, true>
+                      : aligned ? streaming_softmax_kernel<T, MK, BK, true, false>
+                                : streaming_softmax_kernel<T, MK, BK, false, false>;
+        const int slots = staged ? kMaxSlots : 0;  // the whole ring, however few pieces a row has
+        const int smem = slots * kPieceBytes;
+        int64_t units = 0;  // resident clusters; they stride over the rows
+        const cudaError_t e = resident_units(reinterpret_cast<const void*>(kernel), cfg.block_threads, smem,
+                                             cfg.cluster, units, kMaxSlots * kPieceBytes);
+        if (e != cudaSuccess) return e;
+        if (units > rows) units = rows;
+        if (std::getenv("TP_SOFTMAX_LAUNCH_INFO") != nullptr)
+          std::fprintf(stderr, "tp_softmax long rows: %s, %d piece(s) a block, %lld clusters of %d\n",
+                       staged ? "staged" : "two reads", cfg.pieces, static_cast<long long>(units), cfg.cluster);
+        return launch_clustered(kernel, units * cfg.cluster, cfg.block_threads, smem, cfg.cluster, stream, p,
+                                cfg.cluster, cfg.pieces, slots);
       }
       constexpr int C = reads_two_operands(MK, BK) ? 4 : 8;  // as choose_row_config
       if (cfg.chunks != C) return cudaErrorInvalidValue;

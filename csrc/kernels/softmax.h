@@ -79,7 +79,17 @@ struct RowConfig {
   int row_threads;     // threads of one block working on a row (1 .. 256, power of two)
   int cluster;         // blocks of a thread-block cluster sharing a row (1 .. 16)
   int block_threads;   // threads per block
+  int pieces;          // long rows (chunks == 0): 8 KiB pieces of a row per block
+  bool staged;         // long rows: read once, staged in shared memory (16-byte aligned rows;
+                       // others take the same order with two reads), else read twice
 };
+
+// Long rows (more than 16 x 32 KiB): clusters of up to kLongRowMaxCluster blocks of
+// kLongRowThreads share a row; a block's part of a row is staged in shared memory when it has at
+// most kLongRowMaxPieces pieces of kLongRowThreads 16-byte chunks.
+constexpr int kLongRowMaxCluster = 16;
+constexpr int kLongRowThreads = 512;
+constexpr int kLongRowMaxPieces = 27;
 
 RowConfig choose_row_config(int64_t K, DType dtype, bool two_operands);
 

@@ -33,10 +33,19 @@ RowConfig choose_row_config(int64_t K, DType dtype, bool two_operands) {
   const int64_t chunks = ceil_div(K, 16 / elem_size(dtype));  // 16-byte chunks of a row
   const int cpt = static_cast<int>(kPerThread);
   // Rows up to one slice: 256 / rt rows per block, rt threads per row.
-  if (chunks <= kSlice) return {cpt, static_cast<int>(next_pow2(ceil_div(chunks, kPerThread))), 1, 256};
+  if (chunks <= kSlice) return {cpt, static_cast<int>(next_pow2(ceil_div(chunks, kPerThread))), 1, 256, 0, false};
   // Up to 16 slices: a cluster of blocks shares the row, one slice each.
-  if (chunks <= 16 * kSlice) return {cpt, 256, static_cast<int>(next_pow2(ceil_div(chunks, kSlice))), 256};
-  return {0, 512, 8, 512};  // streaming: the row is read twice
+  if (chunks <= 16 * kSlice) return {cpt, 256, static_cast<int>(next_pow2(ceil_div(chunks, kSlice))), 256, 0, false};
+  // Longer: a cluster of blocks of 512 threads, one chunk a thread in each 8 KiB piece; the
+  // smallest cluster of 4, 8 or 16 blocks whose blocks hold their part of the row in shared
+  // memory (one block an SM: smaller clusters leave fewer SMs idle), else 16 and two reads.
+  int cluster = 4;
+  int64_t pieces = ceil_div(chunks, int64_t{kLongRowThreads} * cluster);
+  while (pieces > kLongRowMaxPieces && cluster < kLongRowMaxCluster) {
+    cluster *= 2;
+    pieces = ceil_div(chunks, int64_t{kLongRowThreads} * cluster);
+  }
+  return {0, kLongRowThreads, cluster, kLongRowThreads, static_cast<int>(pieces), pieces <= kLongRowMaxPieces};
 }
 
 const char* describe_row_config(int64_t K, DType dtype, bool two_operands, char* buf, int len) {
@@ -47,8 +56,13 @@ const char* describe_row_config(int64_t K, DType dtype, bool two_operands, char*
     snprintf(buf, len, "one read (staged): %d thread(s)/row x %d chunk(s), cluster %d, %d threads/block%s",
              c.row_threads, c.chunks, c.cluster, c.block_threads,
              two_operands && c.cluster == 1 ? " + a producer warp (16-byte aligned rows)" : "");
+  else if (c.staged)
+    snprintf(buf, len,
+             "one read (long rows): cluster %d x %d threads, %d piece(s) of 8 KiB a block staged in shared memory "
+             "(rows not 16-byte aligned: read twice, same order)",
+             c.cluster, c.row_threads, c.pieces);
   else
-    snprintf(buf, len, "two reads (streaming): %d threads/row, cluster %d", c.row_threads, c.cluster);
+    snprintf(buf, len, "two reads (streaming): cluster %d x %d threads", c.cluster, c.row_threads);
   return buf;
 }
 

@@ -93,32 +93,6 @@ struct StagedScratch {
   ClusterExchange xc;                   // cluster rows
 };
 
-// ---- PTX: bulk copies ---------------------------------------------------------------------------
-// L2 cache policies for the bulk copies: evict first (scores and operand rows read once) or
-// normal (operand rows shared by the tiles of a group). The policy is a literal in the asm.
-template <bool kEvictFirst>
-__device__ __forceinline__ uint64_t l2_policy() {
-  uint64_t policy;
-  if constexpr (kEvictFirst) {
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  } else {
-    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
-  }
-  return policy;
-}
-
-// Global -> shared, `bytes` a multiple of 16, both addresses 16-byte aligned.
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
-                                          uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
-          dst),
-      "l"(src), "r"(bytes), "r"(bar), "l"(policy)
-      : "memory");
-}
-
-__device__ __forceinline__ uint4 lds128(const uint8_t* p) { return *reinterpret_cast<const uint4*>(p); }
-
 // A tile's geometry, the same for the producer (warp 0) and every thread. A row slot holds
 // C * rt chunks in C pieces of rt: without a cluster, piece c is chunks [c * rt, (c + 1) * rt) of
 // the row; in a cluster of n blocks, block q holds the row's pieces c * n + q (pieces interleaved

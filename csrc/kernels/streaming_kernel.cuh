@@ -1,5 +1,8 @@
-// The two-read kernel, for rows too long to hold on chip (more than 16 x 32 KiB): a cluster of
-// blocks shares a row; the row is read once for the online max / sum and again for the write.
+// The kernel of long rows (more than 16 x 32 KiB): a cluster of 4, 8 or 16 blocks of 512 threads
+// shares a row. Where the row is 16-byte aligned and a block's part of it fits in shared memory (up to
+// kMaxSlots pieces of 8 KiB), the bulk copy engine stages that part once and both passes (the
+// online max / sum, then the write) read it from there; otherwise the row is read twice from global
+// memory. Either way each thread takes the same chunks in the same order, so the bits are the same.
 #pragma once
 
 #include "common.cuh"
@@ -7,7 +10,13 @@
 namespace tp_softmax {
 namespace detail {
 
-constexpr int kStreamThreads = 512;
+constexpr int kStreamThreads = kLongRowThreads;
+// A piece: kStreamThreads chunks of a row in one block, one chunk a thread (8 KiB). A block's part
+// of a row is `pieces` of them, pieces m * G + rank * kStreamThreads + [0, kStreamThreads) (G the
+// threads of the cluster). The pieces of the block's rows pass through a ring of `slots` pieces of
+// shared memory, in order, each with its own mbarrier.
+constexpr int kPieceBytes = kStreamThreads * 16;
+constexpr int kMaxSlots = kLongRowMaxPieces;  // 216 KiB of shared memory a block
 
 // Per-warp partials, double-buffered by row parity so one barrier per reduction suffices, and the
 // exchange of the cluster's block partials.
@@ -33,13 +42,130 @@ __device__ __forceinline__ MS block_cluster_reduce_ms(MS v, int cluster, StreamS
   return v;
 }
 
+// The rows of a block of the long-row kernel staged: unit u (of `nunits` clusters) takes rows
+// u, u + nunits, ...; position q of the block's ring order is piece q % pieces of its
+// (q / pieces)-th row, in slot q % slots, whose mbarrier completes once per position (a copy of the
+// piece's visible chunks, or none). Warp 0 issues the first `slots` positions, then, once every
+// thread has written out a row, the `pieces` positions `slots` after the row's: the ring holds
+// the pieces of the next rows (up to `slots` - `pieces` of them) while a row is reduced and
+// written. (Refilling every piece, or every four, as soon as it is written out cost k1m 31 % and
+// 7 %: the barriers, docs/perf.md.)
+template <typename T, MaskKind MK, BiasKind BK>
+__device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster, int pieces, int slots,
+                                            StreamScratch& sh) {
+  constexpr int V = 16 / sizeof(T);
+  using Pos = int64_t;
+  using R = Row<T, MK, BK, Pos>;
+  extern __shared__ __align__(128) uint8_t ring[];
+  __shared__ unsigned long long full[kMaxSlots];
+
+  const int tid = threadIdx.x;
+  const int crank = cluster > 1 ? static_cast<int>(cg::this_cluster().block_rank()) : 0;
+  const Pos G = static_cast<Pos>(kStreamThreads) * cluster;
+  const Pos g = static_cast<Pos>(crank) * kStreamThreads + tid;
+  const Pos nchunks = (static_cast<Pos>(P.K) + V - 1) / V;
+  const int64_t rows = P.B * P.H * P.Q;
+  const int64_t unit = blockIdx.x / cluster, nunits = gridDim.x / cluster;
+  const int64_t my_rows = unit < rows ? (rows - 1 - unit) / nunits + 1 : 0;
+  const int64_t total = my_rows * pieces;  // positions of the ring order
+
+  if (tid == 0) {
+    for (int s = 0; s < slots; ++s) mbar_init(smem_u32(&full[s]), 1);
+    if (cluster > 1) sh.xc.init();
+    mbar_fence_init();
+  }
+  if (cluster > 1) {
+    cg::this_cluster().sync();  // the other blocks push into this block's barriers
+  } else {
+    __syncthreads();
+  }
+
+  // Warp 0, one lane a position: the visible chunks of the piece into its slot.
+  auto issue = [&](int64_t q) {
+    const int64_t kk = q / pieces;
+    const int m = static_cast<int>(q - kk * pieces);
+    const int s = static_cast<int>(q % slots);
+    const uint32_t bar = smem_u32(&full[s]);
+    const R r(P, unit + kk * nunits);
+    const Pos g0 = static_cast<Pos>(m) * G + static_cast<Pos>(crank) * kStreamThreads;
+    Pos c0 = r.lo / V, c1 = r.hi / V + 1;
+    c0 = c0 > g0 ? c0 : g0;
+    const Pos end = g0 + kStreamThreads < nchunks ? g0 + kStreamThreads : nchunks;
+    c1 = c1 < end ? c1 : end;
+    const uint32_t bytes = r.lo <= r.hi && c0 < c1 ? static_cast<uint32_t>(c1 - c0) * 16u : 0u;
+    mbar_arrive_expect_tx(bar, bytes);
+    if (bytes != 0)
+      bulk_copy(smem_u32(ring + static_cast<size_t>(s) * kPieceBytes + (c0 - g0) * 16), r.in + c0 * V, bytes, bar,
+                l2_policy<true>());
+  };
+  if (tid < 32)
+    for (int64_t q = tid; q < (total < slots ? total : slots); q += 32) issue(q);
+
+  int k = 0;  // rows done by this block
+  for (int64_t row = unit; row < rows; row += nunits, ++k) {
+    const R r(P, row);
+    const int64_t q0 = static_cast<int64_t>(k) * pieces;
+    const int s0 = static_cast<int>(q0 % slots);
+    const uint32_t par0 = static_cast<uint32_t>((q0 / slots) & 1);
+    auto logits = [&](int s, Pos j0, float (&x)[V]) {
+      float sv[V];
+      unpack_chunk<T>(lds128(ring + static_cast<size_t>(s) * kPieceBytes + tid * 16), sv);
+      chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, j0, sv, x);
+    };
+    MS st{neg_inf(), 0.0f};
+    {
+      int s = s0;
+      uint32_t par = par0;
+      for (int m = 0; m < pieces; ++m) {
+        const Pos ch = g + m * G;
+        if (ch < nchunks && r.visible(ch * V, V)) {
+          mbar_wait(smem_u32(&full[s]), par);
+          float x[V];
+          logits(s, ch * V, x);
+          ms_add_chunk<V>(st, x);
+        }
+        if (++s == slots) {
+          s = 0;
+          par ^= 1u;
+        }
+      }
+    }
+    const Normaliser norm(block_cluster_reduce_ms(st, cluster, sh, k));
+    int s = s0;
+    for (int m = 0; m < pieces; ++m) {
+      const Pos ch = g + m * G;
+      if (ch < nchunks) {
+        float y[V];
+        if (r.visible(ch * V, V)) {
+          logits(s, ch * V, y);
+#pragma unroll
+          for (int e = 0; e < V; ++e) y[e] = norm(y[e]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; ++e) y[e] = norm.hidden;
+        }
+        store_streaming(r.out + ch * V, pack_chunk<T>(y));
+      }
+      if (++s == slots) s = 0;
+    }
+    __syncthreads();  // every thread has read the row's pieces
+    if (tid < 32)
+      for (int64_t q = q0 + slots + tid; q < q0 + slots + pieces && q < total; q += 32) issue(q);
+  }
+  // No block of a cluster may exit while another can still write to its shared memory.
+  if (cluster > 1) cg::this_cluster().sync();
+}
+
 // Grid: groups of `cluster` blocks of kStreamThreads, each group striding over rows; the G threads
 // of a group take chunk c * G + g of the row.
 // ALIGNED: scores and operands are read as 16-byte vectors (the same values); operands
 // broadcast along K (stride 0) take ALIGNED = false (rows_vectorisable).
-template <typename T, MaskKind MK, BiasKind BK, bool ALIGNED>
+// STAGED (16-byte aligned rows only): the block's parts of its rows pass through the ring of
+// `slots` >= `pieces` slots in shared memory.
+template <typename T, MaskKind MK, BiasKind BK, bool ALIGNED, bool STAGED>
 __global__ void __launch_bounds__(kStreamThreads, 1)
-streaming_softmax_kernel(const SoftmaxParams P, int cluster) {
+streaming_softmax_kernel(const SoftmaxParams P, int cluster, int pieces, int slots) {
+  static_assert(ALIGNED || !STAGED, "staged rows are 16-byte aligned");
   constexpr int V = 16 / sizeof(T);
   constexpr int U = 4;  // chunks loaded together before the arithmetic
   using Pos = int64_t;
@@ -52,6 +178,10 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster) {
   const Pos nchunks = (K + V - 1) / V;
   const int64_t rows = P.B * P.H * P.Q;
   using R = Row<T, MK, BK, Pos>;
+  if constexpr (STAGED) {
+    staged_rows<T, MK, BK>(P, cluster, pieces, slots, sh);
+    return;
+  }
   if (cluster > 1) {
     if (threadIdx.x == 0) {
       sh.xc.init();
