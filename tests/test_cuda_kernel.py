@@ -249,7 +249,7 @@ def test_non_contiguous_inputs_same_bits(K, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bit_identical_reruns_and_batch_independence(dtype):
-    for K in [100, 2048, 8193, 65537, 262144, 300001, 600001]:
+    for K in [100, 2048, 8193, 65537, 262144, 300000, 300001, 600001, 1 << 20]:
         gen = torch.Generator(device="cuda").manual_seed(K)
         B, H, Q = (3, 4, 6) if K < 100000 else (2, 2, 2)
         scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).to(dtype)
