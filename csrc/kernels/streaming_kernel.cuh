@@ -48,8 +48,8 @@ __device__ __forceinline__ MS block_cluster_reduce_ms(MS v, int cluster, StreamS
 // piece's visible chunks, or none). Warp 0 issues the first `slots` positions, then, once every
 // thread has written out a row, the `pieces` positions `slots` after the row's: the ring holds
 // the pieces of the next rows (up to `slots` - `pieces` of them) while a row is reduced and
-// written. (Refilling every piece, or every four, as soon as it is written out cost k1m 31 % and
-// 7 %: the barriers, docs/perf.md.)
+// written. (Refilling every piece, or every four, as soon as they are written out, each time after
+// a block barrier, made k1m 38 % and 7 % slower: docs/perf.md, v18.)
 template <typename T, MaskKind MK, BiasKind BK>
 __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster, int pieces, int slots,
                                             StreamScratch& sh) {
@@ -166,10 +166,14 @@ template <typename T, MaskKind MK, BiasKind BK, bool ALIGNED, bool STAGED>
 __global__ void __launch_bounds__(kStreamThreads, 1)
 streaming_softmax_kernel(const SoftmaxParams P, int cluster, int pieces, int slots) {
   static_assert(ALIGNED || !STAGED, "staged rows are 16-byte aligned");
+  __shared__ StreamScratch sh;
+  if constexpr (STAGED) {
+    staged_rows<T, MK, BK>(P, cluster, pieces, slots, sh);
+    return;
+  }
   constexpr int V = 16 / sizeof(T);
   constexpr int U = 4;  // chunks loaded together before the arithmetic
   using Pos = int64_t;
-  __shared__ StreamScratch sh;
 
   const int crank = cluster > 1 ? static_cast<int>(cg::this_cluster().block_rank()) : 0;
   const Pos g = static_cast<Pos>(crank) * blockDim.x + threadIdx.x;
@@ -178,10 +182,6 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster, int pieces, int slo
   const Pos nchunks = (K + V - 1) / V;
   const int64_t rows = P.B * P.H * P.Q;
   using R = Row<T, MK, BK, Pos>;
-  if constexpr (STAGED) {
-    staged_rows<T, MK, BK>(P, cluster, pieces, slots, sh);
-    return;
-  }
   if (cluster > 1) {
     if (threadIdx.x == 0) {
       sh.xc.init();
