@@ -443,3 +443,24 @@ def test_chart_marks_the_copy_of_the_floor_bytes(tmp_path):
                      "floor_ms": 1.0, "floor_copy_ms": float("nan")})
     drawn = _drawn(lambda: bench.draw_chart(rows, tmp_path / "c.png", "t"))
     assert drawn["marks"] == [(0.0, pytest.approx(0.8))]  # case a: 1.0 / 1.25; case b has none
+
+
+def test_rows_beyond_sixteen_slices_are_held_to_their_own_floor():
+    # The two-read path's own floor reads the visible scores twice; staged long rows read them once.
+    floor = bl.FloorBytes(scores_read=100, output_written=100, extras_read=10)
+    assert bench.own_floor_bytes("kernel (two reads (streaming): cluster 16 x 512 threads)", floor) == 310
+    assert bench.own_floor_bytes("kernel (one read (long rows): cluster 16 x 512 threads, 16 piece(s) ...)",
+                                 floor) == 210
+    assert bench.own_floor_bytes("kernel (one read (staged): 256 thread(s)/row x 8 chunk(s), cluster 16)",
+                                 floor) is None
+    # Their target is 0.60 of that floor, not the decode / prefill efficiency.
+    for own, reads, miss in ((0.65, "one read", []), (0.55, "two reads", ["own eff<0.60"])):
+        rows = _summary_rows(copy_ms=1.0, floor_copy_ms=1.0, tp_ms=1.5, compile_ms=3.0, q=1)
+        tp = next(r for r in rows if r["contender"] == "tp_softmax")
+        tp["own_efficiency"] = own
+        tp["path"] = f"kernel ({reads} ...)" if reads == "two reads" else "kernel (one read (long rows) ...)"
+        assert bench.targets(rows) == miss
+        buf = io.StringIO()
+        bench.print_summary(rows, out=buf)
+        line = next(ln for ln in buf.getvalue().splitlines() if ln.startswith("c "))
+        assert f"(own floor, {reads}: {own:.2f})" in line, line
