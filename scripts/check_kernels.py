@@ -56,12 +56,13 @@ def main() -> int:
                 m = NAME.search(fn)
                 if not m:
                     continue
-                kind, dtype, mask, bias, chunks, aligned, clustered = m.groups()
+                kind, dtype, mask, bias, chunks, aligned, last = m.groups()
                 chunks = chunks or "0"
                 aligned = aligned or "0"
-                hot = aligned == "1" and (kind == "staged" or clustered == "1")
+                flag = "cluster" if kind == "staged" else "staged"  # the last template flag
+                hot = aligned == "1" and (kind == "staged" or last == "1")
                 if hot and (int(stack) or int(spill_st)):
-                    print(f"  note: hot variant {dtype} mask={mask} bias={bias} cluster={clustered}: "
+                    print(f"  note: hot variant {kind} {dtype} mask={mask} bias={bias} {flag}={last}: "
                           f"{stack} B stack, {spill_st} B spill stores")
                 bad = int(stack) > 8 or int(spill_st) > 8
                 rows.append((name, dtype, mask, bias, chunks, aligned, int(regs), int(stack), int(spill_st), hot))

@@ -37,24 +37,25 @@ def main() -> int:
         if not m:
             continue
         kind, dt, mask, bias, _chunks, aligned, last = m.groups()
-        aligned = aligned == "1" and (kind == "staged" or last == "1")  # long rows: the staged variants
+        aligned = aligned == "1"
+        checked = aligned and (kind == "staged" or last == "1")  # long rows: the staged variants
         ops = [ln.split(";")[0] for ln in body.splitlines() if "/*" in ln]
         count = lambda pat: sum(1 for o in ops if re.search(pat, o))
         local = count(r"\b(LDL|STL)\b")
         bulk = count(r"UBLKCP")
         lds128 = count(r"\bLDS\.128\b")
         stg128 = count(r"\bSTG\.E[.A-Z0-9]*\.128\b")
-        rows.append((kind, DTYPES.get(dt, dt), mask, bias, int(aligned), local, bulk, lds128, stg128))
-        if aligned:
+        rows.append((kind, DTYPES.get(dt, dt), mask, bias, int(aligned), local, bulk, lds128, stg128, checked))
+        if checked:
             if bulk == 0 or stg128 == 0 or lds128 == 0:
                 failures.append(f"{name}: bulk copies {bulk}, LDS.128 {lds128}, STG.128 {stg128}")
             if local > 4:
                 failures.append(f"{name}: {local} local-memory instructions")
     print(f"{'kernel':10} {'dtype':5} {'mask':>4} {'bias':>4} {'aligned':>7} {'LDL/STL':>7} {'UBLKCP':>6} "
-          f"{'LDS.128':>7} {'STG.128':>7}")
+          f"{'LDS.128':>7} {'STG.128':>7} {'checked':>7}")
     for r in sorted(rows):
-        print(f"{r[0]:10} {r[1]:5} {r[2]:>4} {r[3]:>4} {r[4]:>7} {r[5]:>7} {r[6]:>6} {r[7]:>7} {r[8]:>7}")
-    hot = [r for r in rows if r[4]]
+        print(f"{r[0]:10} {r[1]:5} {r[2]:>4} {r[3]:>4} {r[4]:>7} {r[5]:>7} {r[6]:>6} {r[7]:>7} {r[8]:>7} {int(r[9]):>7}")
+    hot = [r for r in rows if r[9]]
     print(f"sass_report: {len(rows)} kernels, {len(hot)} aligned staged (long rows included); "
           f"local-memory instructions in them: {sum(r[5] for r in hot)}")
     for f in failures:

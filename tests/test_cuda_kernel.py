@@ -92,6 +92,16 @@ def poisoned_call(scores, **kwargs):
     return out
 
 
+def launch_lines(capfd, key):
+    """The lines TP_SOFTMAX_LAUNCH_INFO=1 printed to stderr since the last call that contain `key`."""
+    return [ln for ln in capfd.readouterr().err.splitlines() if key in ln]
+
+
+def bits(t):
+    """The raw bits of a float16 / bfloat16 / float32 tensor, for bitwise comparisons."""
+    return t.view(torch.int16 if t.dtype != torch.float32 else torch.int32)
+
+
 def make_case(B, H_total, H_local, Q, K, dtype, *, causal, window, bias, mask, gen, layout=None):
     dev = "cuda"
     scores = torch.randn(B, H_local, Q, K, device=dev, dtype=torch.float32, generator=gen).mul_(4).to(dtype)
@@ -450,16 +460,15 @@ def test_staged_operands_same_bits_as_global(case, capfd, monkeypatch):
     monkeypatch.setenv("TP_SOFTMAX_LAUNCH_INFO", "1")
     capfd.readouterr()
     staged = poisoned_call(scores, **kwargs)
-    layout = [ln for ln in capfd.readouterr().err.splitlines() if "staged layout" in ln]
+    layout = launch_lines(capfd, "staged layout")
     assert layout and f"mask {expect[0]}, bias {expect[1]}," in layout[-1], layout
     # whole rows, contiguous, none hidden, each filling its slot: the tile's scores are one copy
     assert ("one copy per tile" in layout[-1]) == (name in ("decode", "decode-f32", "short-rows")), layout
     monkeypatch.setenv("TP_SOFTMAX_STAGE_OPERANDS", "0")
     plain = poisoned_call(scores, **kwargs)
-    layout = [ln for ln in capfd.readouterr().err.splitlines() if "staged layout" in ln]
+    layout = launch_lines(capfd, "staged layout")
     assert layout and "mask per" not in layout[-1] and "bias per" not in layout[-1], layout
-    assert torch.equal(staged.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                       plain.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    assert torch.equal(bits(staged), bits(plain))
     check(staged, (scores,), kwargs, dtype)
 
 
@@ -471,19 +480,19 @@ def test_staged_operands_same_bits_as_global(case, capfd, monkeypatch):
 # at once: each block's ring of 27 pieces wraps; the window and the causal rows leave pieces with
 # no visible key (a copy of nothing).
 LONG_CASES = [
-    # name, dtype, B, H, Q, K, kwargs
-    ("causal-window-mask-alibi", torch.float16, 4, 4, 6, 300000, "cwma"),
-    ("decode-slopes", torch.bfloat16, 8, 8, 1, 600000, "s"),
-    ("f32-causal", torch.float32, 2, 3, 8, 262152, "c"),
-    ("most-pieces", torch.bfloat16, 1, 2, 3, 27 * 8192 * 8, "cw"),
+    # name, dtype, B, H, Q, K, flags, the path of the contiguous (aligned) rows
+    ("causal-window-mask-alibi", torch.float16, 4, 4, 6, 300000, "cwma", "staged"),
+    ("decode-slopes", torch.bfloat16, 8, 8, 1, 600000, "s", "staged"),
+    ("f32-causal", torch.float32, 2, 3, 8, 262152, "c", "staged"),
+    ("most-pieces", torch.bfloat16, 1, 2, 3, 27 * 8192 * 8, "cw", "staged"),
     # one chunk more than a 16-block cluster's rings hold: aligned rows read twice as well
-    ("beyond-the-ring", torch.float16, 1, 2, 2, 27 * 8192 * 8 + 8, "cm"),
+    ("beyond-the-ring", torch.float16, 1, 2, 2, 27 * 8192 * 8 + 8, "cm", "two reads"),
 ]
 
 
 @pytest.mark.parametrize("case", LONG_CASES, ids=lambda c: c[0])
 def test_long_rows_staged_same_bits_as_two_reads(case, capfd, monkeypatch):
-    name, dtype, B, H, Q, K, flags = case
+    _name, dtype, B, H, Q, K, flags, path = case
     gen = torch.Generator(device="cuda").manual_seed(K + Q)
     H_total = H + 2
     scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).mul_(4).to(dtype)
@@ -499,19 +508,17 @@ def test_long_rows_staged_same_bits_as_two_reads(case, capfd, monkeypatch):
     monkeypatch.setenv("TP_SOFTMAX_LAUNCH_INFO", "1")
     capfd.readouterr()
     contiguous = poisoned_call(scores, **kwargs)
-    info = [ln for ln in capfd.readouterr().err.splitlines() if "long rows" in ln]
-    path = "two reads" if name == "beyond-the-ring" else "staged"
+    info = launch_lines(capfd, "long rows")
     assert info and f"long rows: {path}" in info[-1], info
     unaligned = torch.empty(B, H, Q, K + 1, device="cuda", dtype=dtype)[..., 1:]
     unaligned.copy_(scores)
     twice = poisoned_call(unaligned, **kwargs)
-    info = [ln for ln in capfd.readouterr().err.splitlines() if "long rows" in ln]
+    info = launch_lines(capfd, "long rows")
     assert info and "long rows: two reads" in info[-1], info
-    as_int = torch.int16 if dtype != torch.float32 else torch.int32
-    assert torch.equal(contiguous.view(as_int), twice.contiguous().view(as_int))
+    assert torch.equal(bits(contiguous), bits(twice.contiguous()))
     # in place: the same bits
     inplace = attention_softmax(scores.clone(), inplace=True, **kwargs)
-    assert torch.equal(inplace.view(as_int), contiguous.view(as_int))
+    assert torch.equal(bits(inplace), bits(contiguous))
     check(contiguous, (scores,), kwargs, dtype)
     if kwargs.get("window") is not None:
         # keys before the window are written as zeros (their pieces are never copied)

@@ -113,8 +113,8 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
         const int slots = staged ? kMaxSlots : 0;  // the whole ring, however few pieces a row has
         const int smem = slots * kPieceBytes;
         int64_t units = 0;  // resident clusters; they stride over the rows
-        const cudaError_t e = resident_units(reinterpret_cast<const void*>(kernel), cfg.block_threads, smem,
-                                             cfg.cluster, units, kMaxSlots * kPieceBytes);
+        const cudaError_t e =
+            resident_units(reinterpret_cast<const void*>(kernel), cfg.block_threads, smem, cfg.cluster, units, smem);
         if (e != cudaSuccess) return e;
         if (units > rows) units = rows;
         if (std::getenv("TP_SOFTMAX_LAUNCH_INFO") != nullptr)
