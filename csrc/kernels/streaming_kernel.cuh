@@ -107,46 +107,119 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
     const int64_t q0 = static_cast<int64_t>(k) * pieces;
     const int s0 = static_cast<int>(q0 % slots);
     const uint32_t par0 = static_cast<uint32_t>((q0 / slots) & 1);
-    auto logits = [&](int s, Pos j0, float (&x)[V]) {
-      float sv[V];
-      unpack_chunk<T>(lds128(ring + static_cast<size_t>(s) * kPieceBytes + tid * 16), sv);
-      chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, j0, sv, x);
-    };
+    // 16-bit rows: U = 4 pieces at a time, their waits, then their shared-memory reads, then the
+    // arithmetic, so that the reads of the 4 chunks are in flight together (the waits and the
+    // stores are asm with a memory clobber: nothing moves across them). The chunks still enter
+    // the online max / sum one by one, in order: the same bits as one at a time. Float32 rows
+    // (half the keys a byte) keep one piece at a time: batched, k256kf32 lost 0.03 and k512kf32
+    // 0.05 of efficiency (docs/perf.md, v19).
+    constexpr int U = sizeof(T) == 2 ? 4 : 1;
     MS st{neg_inf(), 0.0f};
-    {
+    if constexpr (U == 1) {
+      auto logits = [&](int s, Pos j0, float (&x)[V]) {
+        float sv[V];
+        unpack_chunk<T>(lds128(ring + static_cast<size_t>(s) * kPieceBytes + tid * 16), sv);
+        chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, j0, sv, x);
+      };
+      {
+        int s = s0;
+        uint32_t par = par0;
+        for (int m = 0; m < pieces; ++m) {
+          const Pos ch = g + m * G;
+          if (ch < nchunks && r.visible(ch * V, V)) {
+            mbar_wait(smem_u32(&full[s]), par);
+            float x[V];
+            logits(s, ch * V, x);
+            ms_add_chunk<V>(st, x);
+          }
+          if (++s == slots) {
+            s = 0;
+            par ^= 1u;
+          }
+        }
+      }
+      const Normaliser norm(block_cluster_reduce_ms(st, cluster, sh, k));
       int s = s0;
-      uint32_t par = par0;
       for (int m = 0; m < pieces; ++m) {
         const Pos ch = g + m * G;
-        if (ch < nchunks && r.visible(ch * V, V)) {
-          mbar_wait(smem_u32(&full[s]), par);
-          float x[V];
-          logits(s, ch * V, x);
+        if (ch < nchunks) {
+          float y[V];
+          if (r.visible(ch * V, V)) {
+            logits(s, ch * V, y);
+#pragma unroll
+            for (int e = 0; e < V; ++e) y[e] = norm(y[e]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) y[e] = norm.hidden;
+          }
+          store_streaming(r.out + ch * V, pack_chunk<T>(y));
+        }
+        if (++s == slots) s = 0;
+      }
+    } else {
+      int s = s0;
+      uint32_t par = par0;
+      for (int m0 = 0; m0 < pieces; m0 += U) {
+        bool vis[U];
+        int su[U];
+        uint4 raw[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const Pos ch = g + (m0 + u) * G;
+          vis[u] = m0 + u < pieces && ch < nchunks && r.visible(ch * V, V);
+          su[u] = s;
+          if (vis[u]) mbar_wait(smem_u32(&full[s]), par);
+          if (++s == slots) {
+            s = 0;
+            par ^= 1u;
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (vis[u]) raw[u] = lds128(ring + static_cast<size_t>(su[u]) * kPieceBytes + tid * 16);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          if (!vis[u]) continue;
+          float sv[V], x[V];
+          unpack_chunk<T>(raw[u], sv);
+          chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, (g + (m0 + u) * G) * V, sv, x);
           ms_add_chunk<V>(st, x);
         }
-        if (++s == slots) {
-          s = 0;
-          par ^= 1u;
-        }
       }
-    }
-    const Normaliser norm(block_cluster_reduce_ms(st, cluster, sh, k));
-    int s = s0;
-    for (int m = 0; m < pieces; ++m) {
-      const Pos ch = g + m * G;
-      if (ch < nchunks) {
-        float y[V];
-        if (r.visible(ch * V, V)) {
-          logits(s, ch * V, y);
+      const Normaliser norm(block_cluster_reduce_ms(st, cluster, sh, k));
+      s = s0;
+      for (int m0 = 0; m0 < pieces; m0 += U) {
+        bool have[U], vis[U];
+        uint4 raw[U];
 #pragma unroll
-          for (int e = 0; e < V; ++e) y[e] = norm(y[e]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < V; ++e) y[e] = norm.hidden;
+        for (int u = 0; u < U; ++u) {
+          const Pos ch = g + (m0 + u) * G;
+          have[u] = m0 + u < pieces && ch < nchunks;
+          vis[u] = have[u] && r.visible(ch * V, V);
+          if (vis[u]) raw[u] = lds128(ring + static_cast<size_t>(s) * kPieceBytes + tid * 16);
+          if (++s == slots) s = 0;
         }
-        store_streaming(r.out + ch * V, pack_chunk<T>(y));
+        uint4 packed[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          if (!have[u]) continue;
+          float y[V];
+          if (vis[u]) {
+            float sv[V];
+            unpack_chunk<T>(raw[u], sv);
+            chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, (g + (m0 + u) * G) * V, sv, y);
+#pragma unroll
+            for (int e = 0; e < V; ++e) y[e] = norm(y[e]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) y[e] = norm.hidden;
+          }
+          packed[u] = pack_chunk<T>(y);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (have[u]) store_streaming(r.out + (g + (m0 + u) * G) * V, packed[u]);
       }
-      if (++s == slots) s = 0;
     }
     __syncthreads();  // every thread has read the row's pieces
     if (tid < 32)
