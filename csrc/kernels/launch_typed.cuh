@@ -110,8 +110,7 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
         auto kernel = staged    ? streaming_softmax_kernel<T, MK, BK, true, true>
                       : aligned ? streaming_softmax_kernel<T, MK, BK, true, false>
                                 : streaming_softmax_kernel<T, MK, BK, false, false>;
-        const int slots = staged ? kMaxSlots : 0;  // the whole ring, however few pieces a row has
-        const int smem = slots * kPieceBytes;
+        const int smem = staged ? kMaxSlots * kPieceBytes : 0;  // the whole ring, however few pieces a row has
         int64_t units = 0;  // resident clusters; they stride over the rows
         const cudaError_t e =
             resident_units(reinterpret_cast<const void*>(kernel), cfg.block_threads, smem, cfg.cluster, units, smem);
@@ -121,7 +120,7 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
           std::fprintf(stderr, "tp_softmax long rows: %s, %d piece(s) a block, %lld clusters of %d\n",
                        staged ? "staged" : "two reads", cfg.pieces, static_cast<long long>(units), cfg.cluster);
         return launch_clustered(kernel, units * cfg.cluster, cfg.block_threads, smem, cfg.cluster, stream, p,
-                                cfg.cluster, cfg.pieces, slots);
+                                cfg.cluster, cfg.pieces);
       }
       constexpr int C = reads_two_operands(MK, BK) ? 4 : 8;  // as choose_row_config
       if (cfg.chunks != C) return cudaErrorInvalidValue;

@@ -13,8 +13,8 @@ namespace detail {
 constexpr int kStreamThreads = kLongRowThreads;
 // A piece: kStreamThreads chunks of a row in one block, one chunk a thread (8 KiB). A block's part
 // of a row is `pieces` of them, pieces m * G + rank * kStreamThreads + [0, kStreamThreads) (G the
-// threads of the cluster). The pieces of the block's rows pass through a ring of `slots` pieces of
-// shared memory, in order, each with its own mbarrier.
+// threads of the cluster). The pieces of the block's rows pass through a ring of kMaxSlots pieces
+// of shared memory, in order, each with its own mbarrier.
 constexpr int kPieceBytes = kStreamThreads * 16;
 constexpr int kMaxSlots = kLongRowMaxPieces;  // 216 KiB of shared memory a block
 
@@ -51,9 +51,9 @@ __device__ __forceinline__ MS block_cluster_reduce_ms(MS v, int cluster, StreamS
 // written. (Refilling every piece, or every four, as soon as they are written out, each time after
 // a block barrier, made k1m 38 % and 7 % slower: docs/perf.md, v18.)
 template <typename T, MaskKind MK, BiasKind BK>
-__device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster, int pieces, int slots,
-                                            StreamScratch& sh) {
+__device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster, int pieces, StreamScratch& sh) {
   constexpr int V = 16 / sizeof(T);
+  constexpr int slots = kMaxSlots;  // the whole ring, however few pieces a row has
   using Pos = int64_t;
   using R = Row<T, MK, BK, Pos>;
   extern __shared__ __align__(128) uint8_t ring[];
@@ -234,14 +234,14 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
 // ALIGNED: scores and operands are read as 16-byte vectors (the same values); operands
 // broadcast along K (stride 0) take ALIGNED = false (rows_vectorisable).
 // STAGED (16-byte aligned rows only): the block's parts of its rows pass through the ring of
-// `slots` >= `pieces` slots in shared memory.
+// kMaxSlots >= `pieces` slots in shared memory.
 template <typename T, MaskKind MK, BiasKind BK, bool ALIGNED, bool STAGED>
 __global__ void __launch_bounds__(kStreamThreads, 1)
-streaming_softmax_kernel(const SoftmaxParams P, int cluster, int pieces, int slots) {
+streaming_softmax_kernel(const SoftmaxParams P, int cluster, int pieces) {
   static_assert(ALIGNED || !STAGED, "staged rows are 16-byte aligned");
   __shared__ StreamScratch sh;
   if constexpr (STAGED) {
-    staged_rows<T, MK, BK>(P, cluster, pieces, slots, sh);
+    staged_rows<T, MK, BK>(P, cluster, pieces, sh);
     return;
   }
   constexpr int V = 16 / sizeof(T);
