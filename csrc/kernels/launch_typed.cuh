@@ -131,7 +131,7 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
                                          : staged_softmax_kernel<T, MK, BK, C, false, false>);
       const StageLayout L = aligned ? staged_layout<T, MK, BK, C>(p, cfg.row_threads, cfg.cluster)
                                     : StageLayout{0, 0, kOpGlobal, kOpGlobal, 0, 0, 0, 0};
-      const int threads = aligned && !clustered && kWarpSpecialised<C, true, false> ? kWsThreads : kStagedThreads;
+      const int threads = warp_specialised(C, aligned, clustered) ? kWsThreads : kStagedThreads;
       const int smem = L.stages * (L.stage_bytes + L.table_bytes);
       if (aligned && std::getenv("TP_SOFTMAX_LAUNCH_INFO") != nullptr) {
         static const char* const kModes[] = {"global", "per row", "per head", "per batch"};

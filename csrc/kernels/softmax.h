@@ -32,6 +32,11 @@ TP_SOFTMAX_HOST_DEVICE constexpr bool bias_is_tensor(BiasKind k) {
 TP_SOFTMAX_HOST_DEVICE constexpr bool reads_two_operands(MaskKind m, BiasKind b) {
   return m != MaskKind::kNone && bias_is_tensor(b);
 }
+// Rows of 4 chunks a thread (two operand tensors) that one block holds, 16-byte aligned, run in
+// warp-specialised blocks: a producer warp beside the 256 compute threads (staged_kernel.cuh).
+TP_SOFTMAX_HOST_DEVICE constexpr bool warp_specialised(int chunks, bool aligned, bool clustered) {
+  return chunks == 4 && aligned && !clustered;
+}
 
 // Every row of `ptr` (element strides `stride`, [B, H, Q, K]) can be read as aligned vectors of
 // `vec` elements. Operands broadcast along K (stride 0) do not qualify: the aligned kernels read

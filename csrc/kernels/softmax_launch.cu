@@ -50,12 +50,10 @@ RowConfig choose_row_config(int64_t K, DType dtype, bool two_operands) {
 
 const char* describe_row_config(int64_t K, DType dtype, bool two_operands, char* buf, int len) {
   const RowConfig c = choose_row_config(K, dtype, two_operands);
-  // (Rows of one block with two operand tensors: the 16-byte aligned ones run in warp-specialised
-  // blocks, with a producer warp beside the compute threads.)
   if (c.chunks > 0)
     snprintf(buf, len, "one read (staged): %d thread(s)/row x %d chunk(s), cluster %d, %d threads/block%s",
              c.row_threads, c.chunks, c.cluster, c.block_threads,
-             two_operands && c.cluster == 1 ? " + a producer warp (16-byte aligned rows)" : "");
+             warp_specialised(c.chunks, true, c.cluster > 1) ? " + a producer warp (16-byte aligned rows)" : "");
   else if (c.staged)
     snprintf(buf, len,
              "one read (long rows): cluster %d x %d threads, %d piece(s) of 8 KiB a block staged in shared memory "

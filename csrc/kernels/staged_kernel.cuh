@@ -43,7 +43,7 @@ constexpr int kMaxStages = 6;
 // 96 registers a thread of two such blocks an SM has (18 warps: five on some scheduler,
 // 5 x 32 x 96 <= 16384).
 template <int C, bool ALIGNED, bool CLUSTER>
-constexpr bool kWarpSpecialised = C == 4 && ALIGNED && !CLUSTER;
+constexpr bool kWarpSpecialised = warp_specialised(C, ALIGNED, CLUSTER);
 constexpr int kWsThreads = kStagedThreads + 32;
 constexpr int kComputeBar = 1, kTableBar = 2, kFreeBar = 2 + kMaxStages;  // named barrier ids
 static_assert(kFreeBar + kMaxStages <= 16, "a block has 16 named barriers");
