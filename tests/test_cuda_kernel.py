@@ -424,9 +424,12 @@ STAGING_CASES = [
     ("decode", torch.float16, 8, 4, 1, 4096, False, None, "bh1k", ("B11K", torch.bool), ("per batch", "per row")),
     ("decode-f32", torch.float32, 6, 3, 1, 1024, False, None, "bh1k", ("B11K", torch.bool), ("per batch", "per row")),
     ("prefill", torch.float16, 2, 3, 37, 1024, True, None, "bh1k", ("B11K", torch.bool), ("per head", "per head")),
-    # 4 rows per tile: operand rows shared over queries stay in global memory (docs/perf.md, v11)
+    # 4 rows per tile, both operands (the producer warp's block): staged as well
     ("prefill-few-rows", torch.float16, 2, 3, 37, 2048, True, None, "bh1k", ("B11K", torch.bool),
-     ("global", "global")),
+     ("per head", "per head")),
+    # 4 rows per tile, one operand (warp 0 copies): it stays in global memory (docs/perf.md, v11)
+    ("prefill-few-rows-one-op", torch.float16, 2, 3, 37, 4096, True, None, None, ("B11K", torch.float16),
+     ("global", "none")),
     ("prefill-bf16", torch.bfloat16, 2, 3, 37, 1024, True, None, None, ("B11K", torch.bool), ("per head", "none")),
     ("short-rows", torch.float16, 3, 2, 5, 512, False, None, None, ("B11K", torch.bool), ("per head", "none")),
     ("window", torch.float16, 2, 2, 300, 1024, True, 100, "bh1k", ("B11K", torch.float16), ("per head", "per head")),

@@ -274,12 +274,15 @@ StageLayout staged_layout(const SoftmaxParams& p, int rt, int cluster) {
   const bool stage = env == nullptr || env[0] != '0';
   int mm = R::kMask && stage ? operand_mode(p, p.mask, p.mask_stride, sizeof(typename R::MaskT)) : kOpGlobal;
   int bm = R::kBias && stage ? operand_mode(p, p.bias, p.bias_stride, sizeof(typename R::BiasT)) : kOpGlobal;
-  // An operand row shared over queries is staged only for tiles of 8 rows or more: with fewer,
-  // its copies lengthen the copy warp's turn (the block waits for it at the next barrier) by more
-  // than the reads they save, which mostly hit L1 (BLOOM prefill: 4 rows a tile, efficiency 0.60
-  // staged against 0.69; docs/perf.md, v11). Per-batch rows (Q == 1) are staged regardless.
-  if (rows < 8 && mm == kOpPerHead) mm = kOpGlobal;
-  if (rows < 8 && bm == kOpPerHead) bm = kOpGlobal;
+  // An operand row shared over queries is staged only for tiles of 8 rows or more where warp 0
+  // copies: with fewer, its copies lengthen the copy warp's turn (the block waits for it at the
+  // next barrier) by more than the reads they save (BLOOM prefill: 4 rows a tile, efficiency 0.60
+  // staged against 0.69; docs/perf.md, v11). A producer warp of their own (warp-specialised
+  // blocks) copies them outside the compute warps' path. Per-batch rows (Q == 1) are staged
+  // regardless.
+  const bool producer = warp_specialised(C, true, cluster > 1);
+  if (rows < 8 && !producer && mm == kOpPerHead) mm = kOpGlobal;
+  if (rows < 8 && !producer && bm == kOpPerHead) bm = kOpGlobal;
   auto region = [&](int mode, int64_t elem_bytes) -> int64_t {
     if (mode == kOpGlobal) return 0;
     // Operand rows per tile: tiles start at multiples of `rows`, groups at multiples of u.
