@@ -8,7 +8,7 @@ Per-rank scaling (BLOOM-176B on 4 ranks):
 CPU check of the code:   python launch/bench.py --smoke --device cpu --out /tmp/bench
 
 Cases: the public case table (``--list`` prints it), plus ``--case [NAME=]B,H,mp,Q,K,dtype[,flags]``
-(flags joined by ``+``: causal, alibi, slopes, pad, window=N, scale=F, scaling), filtered by
+(flags joined by ``+``: causal, alibi, slopes, pad, boolpad, window=N, scale=F, scaling), filtered by
 ``--only NAME`` (names or shell patterns; also selects the named cases outside the default run,
 such as ``bloom176b-tp4``). B, H and mp describe one rank: H is its head count, the model has
 H * mp heads. Run on one process, a case is the LAST rank's shard (head_offset = (mp-1) * H, the
@@ -823,7 +823,7 @@ def parse_args(argv=None):
                    help="run only these cases (names or shell patterns, comma-separated, repeatable)")
     p.add_argument("--case", action="append", default=[], metavar="SPEC",
                    help="add a case: [NAME=]B,H,mp,Q,K,dtype[,flags] (flags: causal+alibi+slopes+pad+"
-                        "window=N+scale=F+scaling)")
+                        "boolpad+window=N+scale=F+scaling; boolpad: the padding as a bool mask)")
     p.add_argument("--contenders", default=",".join(bl.CONTENDERS),
                    help=f"comma-separated subset of {','.join(bl.CONTENDERS)}")
     p.add_argument("--list", action="store_true", help="print the cases and exit")

@@ -9,6 +9,8 @@ Conventions of the generated problems (the public case table of the project's an
 * ``pad``: an additive ``[B, 1, 1, K]`` mask in the scores' dtype, ``-inf`` on the first
   ``pad_b = (b + 1) * K // (4 * B)`` keys of batch row ``b`` (left padding, a different amount
   per row, at most a quarter of the keys), ``0`` elsewhere;
+* ``boolpad``: the same padding as a bool ``[B, 1, 1, K]`` mask (True = the key takes part, the
+  SDPA convention), one byte a key;
 * ``alibi``: BLOOM's tensor for ALL heads, ``bias[b, g, 0, j] = slope[g] * pos_b(j)`` where
   ``pos_b(j)`` is the key's position counted from the first unpadded key (0 on padding), in the
   scores' dtype, ``[B, H_total, 1, K]`` contiguous (the same memory as DeepSpeed's
@@ -66,6 +68,7 @@ class Case:
     alibi: bool = False
     slopes: bool = False
     pad: bool = False
+    boolpad: bool = False
     window: Optional[int] = None
     scale: float = 1.0
     scaling: bool = False
@@ -73,6 +76,11 @@ class Case:
     @property
     def H_total(self) -> int:
         return self.H * self.mp
+
+    @property
+    def padded(self) -> bool:
+        """Left padding, as an additive (``pad``) or a bool (``boolpad``) mask."""
+        return self.pad or self.boolpad
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -91,6 +99,8 @@ class Case:
             parts.append("slopes")
         if self.pad:
             parts.append("pad")
+        if self.boolpad:
+            parts.append("boolpad")
         if self.scale != 1.0:
             parts.append(f"scale={self.scale:g}")
         if self.scaling:
@@ -125,12 +135,13 @@ EXTRA_CASES: Tuple[Case, ...] = (
     _c("bloom176b-tp4", "fp16", 1, 28, 4, 2048, 2048, causal=True, alibi=True, pad=True, scaling=True),
 )
 
-_FLAG_RE = re.compile(r"^(causal|alibi|slopes|pad|scaling|window=\d+|scale=[-+0-9.eE]+)$")
+_FLAG_RE = re.compile(r"^(causal|alibi|slopes|pad|boolpad|scaling|window=\d+|scale=[-+0-9.eE]+)$")
 
 
 def parse_case(spec: str) -> Case:
     """Parse ``[NAME=]B,H,mp,Q,K,dtype[,flags]``; flags joined by ``+``, e.g.
-    ``causal+alibi+pad+window=1024+slopes+scale=0.125`` (``-`` or nothing for none)."""
+    ``causal+alibi+pad+window=1024+slopes+scale=0.125`` (``-`` or nothing for none); ``boolpad``
+    in place of ``pad`` gives the padding as a bool mask."""
     name = None
     body = spec.strip()
     if "=" in body.split(",")[0]:
@@ -156,7 +167,7 @@ def parse_case(spec: str) -> Case:
             flag = flag.strip().lower()
             if not _FLAG_RE.match(flag):
                 raise ValueError(f"--case {spec!r}: unknown flag {flag!r} (causal, alibi, slopes, pad, "
-                                 "window=N, scale=F, scaling)")
+                                 "boolpad, window=N, scale=F, scaling)")
             if flag.startswith("window="):
                 flags["window"] = int(flag.split("=", 1)[1])
                 if flags["window"] < 1:
@@ -167,6 +178,8 @@ def parse_case(spec: str) -> Case:
                 flags[flag] = True
     if flags.get("alibi") and flags.get("slopes"):
         raise ValueError(f"--case {spec!r}: alibi and slopes exclude each other")
+    if flags.get("pad") and flags.get("boolpad"):
+        raise ValueError(f"--case {spec!r}: pad and boolpad exclude each other (one mask)")
     case = Case(name or "", dtype, B, H, mp, Q, K, **flags)
     if not name:
         suffix = "" if case.flags == "-" else f"-{case.flags}"
@@ -275,7 +288,7 @@ def row_has_visible(case: Case) -> torch.Tensor:
     """``[B, Q]`` bool: does the row keep at least one key once causal, window and padding
     hide theirs (rows without are all zeros by the contract)."""
     lo, hi = visible_ranges(case.Q, case.K, case.causal, case.window)
-    pads = torch.tensor(pad_lengths(case.B, case.K) if case.pad else [0] * case.B, dtype=torch.int64)
+    pads = torch.tensor(pad_lengths(case.B, case.K) if case.padded else [0] * case.B, dtype=torch.int64)
     start = torch.maximum(lo.unsqueeze(0), pads.unsqueeze(1))
     return hi.unsqueeze(0) >= start
 
@@ -314,7 +327,7 @@ def build_alibi(case: Case, slopes: torch.Tensor, device, dtype) -> torch.Tensor
     """BLOOM's alibi for all heads, ``[B, H_total, 1, K]``: slope * position from the first
     unpadded key (0 on padding)."""
     keys = torch.arange(case.K, device=device, dtype=torch.float32)
-    pads = torch.tensor(pad_lengths(case.B, case.K) if case.pad else [0] * case.B,
+    pads = torch.tensor(pad_lengths(case.B, case.K) if case.padded else [0] * case.B,
                         device=device, dtype=torch.float32)
     pos = torch.clamp(keys.unsqueeze(0) - pads.unsqueeze(1), min=0.0)        # [B, K]
     bias = slopes.to(device).view(1, -1, 1, 1) * pos.view(case.B, 1, 1, case.K)
@@ -322,6 +335,13 @@ def build_alibi(case: Case, slopes: torch.Tensor, device, dtype) -> torch.Tensor
 
 
 def build_pad_mask(case: Case, device, dtype) -> torch.Tensor:
+    """``[B, 1, 1, K]``: additive in ``dtype`` (``-inf`` on padding, 0 elsewhere), or with
+    ``boolpad`` bool (False on padding, True elsewhere)."""
+    if case.boolpad:
+        mask = torch.ones(case.B, 1, 1, case.K, device=device, dtype=torch.bool)
+        for b, n in enumerate(pad_lengths(case.B, case.K)):
+            mask[b, :, :, :n] = False
+        return mask
     mask = torch.zeros(case.B, 1, 1, case.K, device=device, dtype=dtype)
     for b, n in enumerate(pad_lengths(case.B, case.K)):
         mask[b, :, :, :n] = float("-inf")
@@ -344,7 +364,7 @@ def make_problem(case: Case, shard: Shard, device, *, seed: int, n_sets: int,
     local = replace(case, H=shard.heads)
     slopes = alibi_slopes(case.H_total).to(device) if (case.alibi or case.slopes) else None
     alibi = build_alibi(case, slopes, device, dtype) if case.alibi else None
-    mask = build_pad_mask(case, device, dtype) if case.pad else None
+    mask = build_pad_mask(case, device, dtype) if case.padded else None
     sets = []
     for k in range(n_sets):
         scores = torch.randn(case.B, shard.heads, case.Q, case.K, device=device, dtype=dtype,
@@ -370,8 +390,8 @@ def operand_shapes(case: Case, dtype: torch.dtype) -> List[Tuple[Tuple[int, ...]
     """``(shape, itemsize)`` of the mask / bias operands one rank reads (local heads)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     ops = []
-    if case.pad:
-        ops.append(((case.B, 1, 1, case.K), itemsize))
+    if case.padded:
+        ops.append(((case.B, 1, 1, case.K), 1 if case.boolpad else itemsize))
     if case.alibi:
         ops.append(((case.B, case.H, 1, case.K), itemsize))
     if case.slopes:
@@ -509,9 +529,10 @@ def check_output(out: torch.Tensor, problem: Problem) -> Check:
 def eager_softmax(scores: torch.Tensor, layer_scale: float, alibi: Optional[torch.Tensor],
                   slopes: Optional[torch.Tensor], mask: Optional[torch.Tensor], causal: bool,
                   window: Optional[int]) -> torch.Tensor:
-    """The obvious PyTorch composition: scale, add alibi, add mask, hide causal / window keys
-    with ``masked_fill``, softmax in float32, cast back. ``alibi`` is the local heads' view
-    ``[B, H_local, 1|Q, K]``, ``slopes`` the local heads' slopes ``[H_local]``."""
+    """The obvious PyTorch composition: scale, add alibi, add the mask (a bool mask hides keys
+    with ``masked_fill``), hide causal / window keys with ``masked_fill``, softmax in float32,
+    cast back. ``alibi`` is the local heads' view ``[B, H_local, 1|Q, K]``, ``slopes`` the local
+    heads' slopes ``[H_local]``."""
     q_len, k_len = scores.shape[-2], scores.shape[-1]
     x = scores.to(torch.float32)
     if layer_scale != 1.0:
@@ -524,7 +545,7 @@ def eager_softmax(scores: torch.Tensor, layer_scale: float, alibi: Optional[torc
         if slopes is not None:
             x = x - slopes.view(1, -1, 1, 1) * rel.abs().to(torch.float32)
     if mask is not None:
-        x = x + mask
+        x = x.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else x + mask
     if causal or window is not None:
         hidden = torch.zeros_like(rel, dtype=torch.bool)
         if causal:
@@ -688,6 +709,8 @@ def deepspeed_refusal(case: Case, heads: int) -> Optional[str]:
     """Why DeepSpeed's kernel cannot be called on this problem (None when it can)."""
     if case.slopes:
         return "not supported: alibi_slopes (it reads a bias tensor only)"
+    if case.boolpad:
+        return "not supported: bool masks (it reads an additive mask only)"
     if case.K > DEEPSPEED_MAX_K:
         return f"refuses (K > {DEEPSPEED_MAX_K})"
     if case.B * heads * case.Q * case.K - case.K > INT32_MAX:

@@ -146,7 +146,8 @@ def _problem(spec, heads=None, offset=None):
 
 @pytest.mark.parametrize("spec", ["t=2,3,2,6,20,fp32,causal+alibi+pad",
                                   "t=3,2,3,1,33,fp32,slopes+pad+window=5+scale=0.3",
-                                  "t=2,2,1,17,17,fp32,causal+window=4+pad"])
+                                  "t=2,2,1,17,17,fp32,causal+window=4+pad",
+                                  "t=2,3,2,6,20,fp32,causal+alibi+boolpad"])
 def test_reference_rows_agree_with_tp_softmax(spec):
     from tp_softmax import attention_softmax
 
@@ -191,6 +192,33 @@ def test_check_output_catches_wrong_and_unwritten_rows():
     wrong[b, h, i, i] += 0.25
     chk = bl.check_output(wrong, p)
     assert abs(chk.err - 0.25) < 1e-6 and abs(chk.sum_err - 0.25) < 1e-6
+
+
+def test_boolpad_is_the_same_padding_as_a_bool_mask():
+    c = bl.parse_case("b=3,2,2,5,24,fp16,causal+alibi+boolpad")
+    assert (c.pad, c.boolpad, c.padded, c.flags) == (False, True, True, "causal+alibi+boolpad")
+    with pytest.raises(ValueError):
+        bl.parse_case("3,2,2,5,24,fp16,pad+boolpad")
+    p, q = _problem("b=3,2,2,5,24,fp16,causal+alibi+boolpad"), _problem("b=3,2,2,5,24,fp16,causal+alibi+pad")
+    m, additive = p.sets[0]["mask"], q.sets[0]["mask"]
+    assert m.dtype == torch.bool and m.shape == (3, 1, 1, 24)
+    assert torch.equal(m, additive == 0)                          # False exactly on the padding
+    assert int((~m).sum()) == sum(bl.pad_lengths(3, 24)) > 0
+    # The same alibi positions (counted from the first unpadded key) and the same blind rows.
+    assert torch.equal(p.sets[0]["alibi"], q.sets[0]["alibi"])
+    assert torch.equal(bl.row_has_visible(p.case), bl.row_has_visible(q.case))
+    # The mask is one byte a key in the floor, where the additive one is two (fp16).
+    needed = bl.needed_elements((3, 1, 1, 24), 5, 24, True, None)
+    assert needed > 0 and q.floor.extras_read - p.floor.extras_read == needed * (2 - 1)
+    ops_b = dict(enumerate(bl.operand_shapes(p.case, torch.float16)))
+    ops_a = dict(enumerate(bl.operand_shapes(q.case, torch.float16)))
+    assert ops_b[0] == ((3, 1, 1, 24), 1) and ops_a[0] == ((3, 1, 1, 24), 2)
+    assert ops_b[1] == ops_a[1] == ((3, 2, 1, 24), 2)
+    # The torch composition reads the bool mask as SDPA does: False hides the key.
+    st = p.sets[0]
+    out = bl.eager_softmax(st["scores"].float(), 1.0, st["alibi_local"].float(), None, m, True, None)
+    assert bl.check_output(out, p).err < 1e-6
+    assert bl.deepspeed_refusal(p.case, 2).startswith("not supported: bool masks")
 
 
 def test_sets_for_cache():
