@@ -7,6 +7,7 @@
 #   OUT=dir  where logs and bench output go (default: ./gpu_out)
 #   WHEELS=dir  extra wheels to install first (e.g. deepspeed and its small deps)
 #   BENCH_ARGS="..." passed to launch/bench.py
+#   NCU_ONLY="NAME ..."  the ncu stage profiles only these of its cases (bloom gpt decode-b8-k64k ...)
 #   TP_SOFTMAX_PKG=dir  import tp_softmax (and build the csrc/ beside it) from dir, not from this
 #                       checkout: stages env, sass, test, sanitize, bench, ncu (the torchrun
 #                       launchers import the checkout); scripts/ab_bench.sh uses it for variants
@@ -77,10 +78,14 @@ fi
 if has ncu; then
   # Achieved DRAM bandwidth, occupancy and grid of the kernel on cases short of their targets.
   : > "$OUT/ncu.txt"
+  # NCU_ONLY="bloom gpt" profiles only those cases; SourceCounters adds the sampled stall reasons
+  # per instruction (where the warps wait).
   while read -r name args; do
+    [ -n "${NCU_ONLY:-}" ] && [[ " $NCU_ONLY " != *" $name "* ]] && continue
     echo "=== $name: $args" >> "$OUT/ncu.txt"
     TP_SOFTMAX_LAUNCH_INFO=1 ncu --clock-control none --kernel-name regex:softmax_kernel --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
+      --section SourceCounters \
       python3 scripts/profile_case.py $args >> "$OUT/ncu.txt" 2>&1
   done <<'CASES'
 bloom 1 56 112 2048 2048 fp16 causal alibi pad
