@@ -280,9 +280,10 @@ StageLayout staged_layout(const SoftmaxParams& p, int rt, int cluster) {
   // staged against 0.69; docs/perf.md, v11). A producer warp of their own (warp-specialised
   // blocks) copies them outside the compute warps' path. Per-batch rows (Q == 1) are staged
   // regardless.
-  const bool producer = warp_specialised(C, true, cluster > 1);
-  if (rows < 8 && !producer && mm == kOpPerHead) mm = kOpGlobal;
-  if (rows < 8 && !producer && bm == kOpPerHead) bm = kOpGlobal;
+  if (rows < 8 && !warp_specialised(C, true, cluster > 1)) {
+    if (mm == kOpPerHead) mm = kOpGlobal;
+    if (bm == kOpPerHead) bm = kOpGlobal;
+  }
   auto region = [&](int mode, int64_t elem_bytes) -> int64_t {
     if (mode == kOpGlobal) return 0;
     // Operand rows per tile: tiles start at multiples of `rows`, groups at multiples of u.
