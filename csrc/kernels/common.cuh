@@ -46,6 +46,12 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
+// A chunk's bool mask bytes are held as 32-bit words (mask_byte_set tests them there).
+template <int N>
+struct alignas(N) Vec<uint8_t, N> {
+  static_assert(N % 4 == 0, "whole 32-bit words");
+  uint32_t w[N / 4];
+};
 
 // Elements j0 .. j0 + N - 1 of a row read one by one (stride `step`); j >= K reads as 0.
 template <typename T, int N, typename Pos>
@@ -235,6 +241,14 @@ __device__ __forceinline__ float op_value(OT v) {
   }
 }
 
+// Whether byte e of a chunk's bool mask is set, tested within its 32-bit word: one logic
+// instruction with a predicate result a key, where widening each byte to a value first took
+// about four (the select it feeds is the same, so are the bits).
+template <int V>
+__device__ __forceinline__ bool mask_byte_set(const Vec<uint8_t, V>& m, int e) {
+  return (m.w[e >> 2] & (0xffu << (8 * (e & 3)))) != 0u;
+}
+
 // x for the V keys of chunk j0 from the scores `sv` and the chunk's operand values `m` / `b`
 // (already read: the mask and bias elements of keys j0 .. j0 + V - 1).
 template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
@@ -246,7 +260,12 @@ __device__ __forceinline__ void chunk_logits_vals(const SoftmaxParams& P, const 
 #pragma unroll
   for (int e = 0; e < V; ++e) {
     const float bb = R::kBias ? op_value(b.v[e]) : 0.0f;
-    const float mm = R::kMask ? op_value(m.v[e]) : 0.0f;
+    float mm = 0.0f;
+    if constexpr (MK == MaskKind::kBool) {
+      mm = mask_byte_set<V>(m, e) ? 1.0f : 0.0f;
+    } else if constexpr (R::kMask) {
+      mm = op_value(m.v[e]);
+    }
     x[e] = form_value<MK, BK, Pos>(sv[e], P.layer_scale, bb, mm, r.slope, r.p, j0 + e);
   }
   hide_outside<V, Pos>(x, j0, r.lo, r.hi);
