@@ -87,6 +87,11 @@ if has ncu; then
       --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
       --section SourceCounters \
       python3 scripts/profile_case.py $args >> "$OUT/ncu.txt" 2>&1
+    # The stall reasons as numbers: warps stalled per issued instruction, by reason (raw page).
+    echo "--- stall reasons (warps stalled per issued instruction), $name" >> "$OUT/ncu.txt"
+    ncu --clock-control none --kernel-name regex:softmax_kernel --launch-skip 2 --launch-count 1 \
+      --section WarpStateStats --page raw python3 scripts/profile_case.py $args 2>&1 |
+      grep -E 'issue_stalled_[a-z_]+_per_issue_active' >> "$OUT/ncu.txt"
   done <<'CASES'
 bloom 1 56 112 2048 2048 fp16 causal alibi pad
 gpt 8 16 16 1024 1024 bf16 causal pad
