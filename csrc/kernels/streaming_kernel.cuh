@@ -112,7 +112,8 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
     // stores are asm with a memory clobber: nothing moves across them). The chunks still enter
     // the online max / sum one by one, in order: the same bits as one at a time. Float32 rows
     // (half the keys a byte) keep one piece at a time: batched, k256kf32 lost 0.03 and k512kf32
-    // 0.05 of efficiency (docs/perf.md, v19).
+    // 0.05 of efficiency (docs/perf.md, v19), and even the batched loop at U = 1 lost 0.02 on
+    // both against this one (f32m, after v21).
     constexpr int U = sizeof(T) == 2 ? 4 : 1;
     MS st{neg_inf(), 0.0f};
     if constexpr (U == 1) {
