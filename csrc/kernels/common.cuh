@@ -182,20 +182,27 @@ struct Row : RowSpan<Pos> {
 };
 
 // The logit of a key before hiding: every path forms it with this one sequence of correctly
-// rounded float32 operations (no contraction), so the values do not depend on how the inputs
-// were read. `m`: the additive mask value, or for a bool mask 1.0 (attend) / 0.0.
+// rounded float32 operations (no contraction by the compiler), so the values do not depend on
+// how the inputs were read. The scale and the first additive operand tensor (the bias, else an
+// additive mask) are one fused multiply-add, s * scale + b rounded once: exactly s + b when
+// scale is 1. `m`: the additive mask value, or for a bool mask 1.0 (attend) / 0.0.
 template <MaskKind MK, BiasKind BK, typename Pos>
 __device__ __forceinline__ float form_value(float s, float scale, float b, float m, float slope, Pos p, Pos j) {
-  float v = __fmul_rn(s, scale);
+  constexpr bool kAddMask = MK != MaskKind::kNone && MK != MaskKind::kBool;
+  float v;
   if constexpr (bias_is_tensor(BK)) {
-    v = __fadd_rn(v, b);
+    v = __fmaf_rn(s, scale, b);
   } else if constexpr (BK == BiasKind::kSlopes) {
     const Pos d = p - j;
-    v = __fmaf_rn(-slope, static_cast<float>(d < 0 ? -d : d), v);
+    v = __fmaf_rn(-slope, static_cast<float>(d < 0 ? -d : d), __fmul_rn(s, scale));
+  } else if constexpr (kAddMask) {
+    v = __fmaf_rn(s, scale, m);
+  } else {
+    v = __fmul_rn(s, scale);
   }
   if constexpr (MK == MaskKind::kBool) {
     v = m != 0.0f ? v : neg_inf();
-  } else if constexpr (MK != MaskKind::kNone) {
+  } else if constexpr (kAddMask && (bias_is_tensor(BK) || BK == BiasKind::kSlopes)) {
     v = __fadd_rn(v, m);
   }
   return v;
