@@ -189,20 +189,21 @@ struct Row : RowSpan<Pos> {
 template <MaskKind MK, BiasKind BK, typename Pos>
 __device__ __forceinline__ float form_value(float s, float scale, float b, float m, float slope, Pos p, Pos j) {
   constexpr bool kAddMask = MK != MaskKind::kNone && MK != MaskKind::kBool;
+  constexpr bool kFuseMask = kAddMask && BK == BiasKind::kNone;  // no bias: the mask goes in the fma
   float v;
   if constexpr (bias_is_tensor(BK)) {
     v = __fmaf_rn(s, scale, b);
   } else if constexpr (BK == BiasKind::kSlopes) {
     const Pos d = p - j;
     v = __fmaf_rn(-slope, static_cast<float>(d < 0 ? -d : d), __fmul_rn(s, scale));
-  } else if constexpr (kAddMask) {
+  } else if constexpr (kFuseMask) {
     v = __fmaf_rn(s, scale, m);
   } else {
     v = __fmul_rn(s, scale);
   }
   if constexpr (MK == MaskKind::kBool) {
     v = m != 0.0f ? v : neg_inf();
-  } else if constexpr (kAddMask && (bias_is_tensor(BK) || BK == BiasKind::kSlopes)) {
+  } else if constexpr (kAddMask && !kFuseMask) {
     v = __fadd_rn(v, m);
   }
   return v;
