@@ -240,15 +240,6 @@ __device__ __forceinline__ void chunk_logits_strided(const SoftmaxParams& P, con
   hide_outside<V, Pos>(x, j0, r.lo, r.hi);
 }
 
-template <typename OT>
-__device__ __forceinline__ float op_value(OT v) {
-  if constexpr (std::is_same<OT, uint8_t>::value) {
-    return v != 0 ? 1.0f : 0.0f;
-  } else {
-    return to_float(v);
-  }
-}
-
 // Whether byte e of a chunk's bool mask is set, tested within its 32-bit word: one logic
 // instruction with a predicate result a key, where widening each byte to a value first took
 // about four (the select it feeds is the same, so are the bits).
@@ -267,12 +258,12 @@ __device__ __forceinline__ void chunk_logits_vals(const SoftmaxParams& P, const 
   using R = Row<T, MK, BK, Pos>;
 #pragma unroll
   for (int e = 0; e < V; ++e) {
-    const float bb = R::kBias ? op_value(b.v[e]) : 0.0f;
+    const float bb = R::kBias ? to_float(b.v[e]) : 0.0f;
     float mm = 0.0f;
     if constexpr (MK == MaskKind::kBool) {
       mm = mask_byte_set<V>(m, e) ? 1.0f : 0.0f;
     } else if constexpr (R::kMask) {
-      mm = op_value(m.v[e]);
+      mm = to_float(m.v[e]);
     }
     x[e] = form_value<MK, BK, Pos>(sv[e], P.layer_scale, bb, mm, r.slope, r.p, j0 + e);
   }
