@@ -574,21 +574,35 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     // Kept e = exp(x - local_max): out = e * exp(local_max - max) / sum.
     const float factor =
         fast_exp2((local_max - ms_shift(st.m)) * kLog2e) * norm.inv;
+    // A hidden chunk's output, packed once a tile, and one store in each branch: where each key
+    // chose between its product and the hidden value, ptxas moved the hidden value into V
+    // registers and issued the V products predicated, for hidden chunks too.
+    float hid[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) hid[e] = norm.hidden;
+    const uint4 hidden_chunk = pack_chunk<T>(hid);
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       const int ch = c * ch_step + ch_base;
       if (!active || ch >= ts.nchunks) continue;
-      float y[V];
-      if (vis[c]) {
-#pragma unroll
-        for (int e = 0; e < V; ++e) y[e] = kept[c][e] * factor;
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e) y[e] = norm.hidden;
-      }
       if constexpr (ALIGNED) {
-        store_streaming(r.out + ch * V, pack_chunk<T>(y));
+        if (vis[c]) {
+          float y[V];
+#pragma unroll
+          for (int e = 0; e < V; ++e) y[e] = kept[c][e] * factor;
+          store_streaming(r.out + ch * V, pack_chunk<T>(y));
+        } else {
+          store_streaming(r.out + ch * V, hidden_chunk);
+        }
       } else {
+        float y[V];
+        if (vis[c]) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) y[e] = kept[c][e] * factor;
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; ++e) y[e] = norm.hidden;
+        }
         store_strided<T, V, int>(r.out, P.out_stride[3], ch * V, static_cast<int>(P.K), y);
       }
     }
