@@ -337,15 +337,12 @@ def build_alibi(case: Case, slopes: torch.Tensor, device, dtype) -> torch.Tensor
 def build_pad_mask(case: Case, device, dtype) -> torch.Tensor:
     """``[B, 1, 1, K]``: additive in ``dtype`` (``-inf`` on padding, 0 elsewhere), or with
     ``boolpad`` bool (False on padding, True elsewhere)."""
-    if case.boolpad:
-        mask = torch.ones(case.B, 1, 1, case.K, device=device, dtype=torch.bool)
-        for b, n in enumerate(pad_lengths(case.B, case.K)):
-            mask[b, :, :, :n] = False
-        return mask
-    mask = torch.zeros(case.B, 1, 1, case.K, device=device, dtype=dtype)
+    padding = torch.zeros(case.B, 1, 1, case.K, device=device, dtype=torch.bool)
     for b, n in enumerate(pad_lengths(case.B, case.K)):
-        mask[b, :, :, :n] = float("-inf")
-    return mask
+        padding[b, :, :, :n] = True
+    if case.boolpad:
+        return ~padding
+    return torch.zeros(padding.shape, device=device, dtype=dtype).masked_fill(padding, float("-inf"))
 
 
 def case_seed(base: int, name: str, rank: int) -> int:

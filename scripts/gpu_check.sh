@@ -78,8 +78,9 @@ fi
 if has ncu; then
   # Achieved DRAM bandwidth, occupancy and grid of the kernel on cases short of their targets.
   : > "$OUT/ncu.txt"
-  # NCU_ONLY="bloom gpt" profiles only those cases; SourceCounters adds the sampled stall reasons
-  # per instruction (where the warps wait).
+  # NCU_ONLY="bloom gpt" profiles only those cases. SourceCounters prints branch and shared-memory
+  # wavefront figures (its per-instruction stall samples show only in a saved report); the second
+  # run below prints the stall reasons as numbers.
   while read -r name args; do
     [ -n "${NCU_ONLY:-}" ] && [[ " $NCU_ONLY " != *" $name "* ]] && continue
     echo "=== $name: $args" >> "$OUT/ncu.txt"
