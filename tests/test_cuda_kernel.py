@@ -86,9 +86,32 @@ def check(out, args, kwargs, dtype):
 
 
 def poisoned_call(scores, **kwargs):
+    """The op's output, in memory that held NaN before the call. The call runs in a fresh memory
+    pool whose one segment was filled with 0xff bytes (NaN in float16, bfloat16 and float32) and
+    freed first, so everything the call allocates, the output included, comes from poisoned memory
+    (checked). An element the kernel does not write stays NaN and fails the comparison."""
+    nbytes = scores.numel() * scores.element_size()
+    mib = 1 << 20
     torch.cuda.synchronize()
-    out = attention_softmax(scores, **kwargs)
+    pool = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool):
+        # Up to 1 MiB the allocator takes a 2 MiB segment of small blocks: two 1 MiB blocks fill it.
+        # Larger requests share large segments: one block of twice the output and 2 MiB more.
+        sizes = [mib, mib] if nbytes <= mib else [-(-(2 * nbytes + 2 * mib) // (2 * mib)) * 2 * mib]
+        poison = [torch.full((n,), 0xFF, dtype=torch.uint8, device=scores.device) for n in sizes]
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel()) for t in poison)
+        del poison
+        out = attention_softmax(scores, **kwargs)
     torch.cuda.synchronize()
+    out._poison_pool = pool  # the pool lives as long as the output
+    merged = [list(spans[0])]
+    for lo, hi in spans[1:]:
+        if lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    start = out.data_ptr()
+    assert any(lo <= start and start + nbytes <= hi for lo, hi in merged), "the output is not in poisoned memory"
     return out
 
 
