@@ -544,6 +544,16 @@ struct Normaliser {
     hidden = 0.0f * inv;                         // 0, or NaN for a NaN row
   }
   __device__ __forceinline__ float operator()(float x) const { return fast_exp2(fmaf(x, kLog2e, -shift)) * inv; }
+  // A hidden chunk's output, packed once: a chunk that chooses per key between its product and
+  // `hidden` compiles to moves of `hidden` and the products issued under a predicate, hidden or
+  // not (docs/perf.md, v23); with this, each branch has a store of its own.
+  template <typename T, int V>
+  __device__ __forceinline__ uint4 hidden_chunk() const {
+    float h[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) h[e] = hidden;
+    return pack_chunk<T>(h);
+  }
 };
 
 }  // namespace detail

@@ -576,7 +576,9 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         fast_exp2((local_max - ms_shift(st.m)) * kLog2e) * norm.inv;
     // A hidden chunk's output, packed once a tile, and one store in each branch: where each key
     // chose between its product and the hidden value, ptxas moved the hidden value into V
-    // registers and issued the V products predicated, for hidden chunks too.
+    // registers and issued the V products predicated, for hidden chunks too. (Written out here:
+    // formed through Normaliser::hidden_chunk, the same instructions are scheduled differently in
+    // most of the 8-chunk kernels.)
     float hid[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) hid[e] = norm.hidden;

@@ -140,20 +140,20 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
         }
       }
       const Normaliser norm(block_cluster_reduce_ms(st, cluster, sh, k));
+      const uint4 hidden_chunk = norm.hidden_chunk<T, V>();
       int s = s0;
       for (int m = 0; m < pieces; ++m) {
         const Pos ch = g + m * G;
         if (ch < nchunks) {
-          float y[V];
           if (r.visible(ch * V, V)) {
+            float y[V];
             logits(s, ch * V, y);
 #pragma unroll
             for (int e = 0; e < V; ++e) y[e] = norm(y[e]);
+            store_streaming(r.out + ch * V, pack_chunk<T>(y));
           } else {
-#pragma unroll
-            for (int e = 0; e < V; ++e) y[e] = norm.hidden;
+            store_streaming(r.out + ch * V, hidden_chunk);
           }
-          store_streaming(r.out + ch * V, pack_chunk<T>(y));
         }
         if (++s == slots) s = 0;
       }
@@ -188,6 +188,7 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
         }
       }
       const Normaliser norm(block_cluster_reduce_ms(st, cluster, sh, k));
+      const uint4 hidden_chunk = norm.hidden_chunk<T, V>();
       s = s0;
       for (int m0 = 0; m0 < pieces; m0 += U) {
         bool have[U], vis[U];
@@ -204,18 +205,16 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           if (!have[u]) continue;
-          float y[V];
           if (vis[u]) {
-            float sv[V];
+            float sv[V], y[V];
             unpack_chunk<T>(raw[u], sv);
             chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, (g + (m0 + u) * G) * V, sv, y);
 #pragma unroll
             for (int e = 0; e < V; ++e) y[e] = norm(y[e]);
+            packed[u] = pack_chunk<T>(y);
           } else {
-#pragma unroll
-            for (int e = 0; e < V; ++e) y[e] = norm.hidden;
+            packed[u] = hidden_chunk;
           }
-          packed[u] = pack_chunk<T>(y);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u)
