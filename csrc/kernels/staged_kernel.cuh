@@ -187,16 +187,19 @@ __device__ __forceinline__ void stage_group(const SoftmaxParams& P, const TileSh
     stage_operand<V>(src, c0, c1, l0, region + group_slot(P, mode, r, rr) * row_bytes, bar, l2_policy<false>());
 }
 
-// Warp 0: copy tile `t` into the stage at `stage` (completing on `bar`): the visible chunks of
-// each row's scores (or the whole tile in one copy, L.whole_tile), and the operand rows that are
-// staged: per row (the row's visible chunks) or per group (stage_group). Operand rows read from
-// global memory that each row has of its own are prefetched into L2 instead. Each lane raises the
-// barrier's transaction count before each of its copies; lane 0 arrives once all have. With
-// TABLE, each row's Row also goes into `table` for the compute threads. (Operands reach this
-// kernel only with stride 1 along K: rows_vectorisable.)
-template <typename T, MaskKind MK, BiasKind BK, bool TABLE>
+// A copy warp: copy tile `t` into the stage at `stage` (completing on `bar`): the visible chunks
+// of each row's scores (or the whole tile in one copy, L.whole_tile), and the operand rows that
+// are staged: per row (the row's visible chunks) or per group (stage_group). Operand rows read
+// from global memory that each row has of its own are prefetched into L2 instead. The warp takes
+// the part-th of `nparts` equal runs of the tile's (row, piece) jobs (the whole-tile copy goes with
+// part 0). Each lane raises the barrier's transaction count before each of its copies; lane 0
+// arrives once all have (the barrier expects one arrival a part). With TABLE, each row's Row also
+// goes into `table` for the compute threads. (Operands reach this kernel only with stride 1 along
+// K: rows_vectorisable.)
+template <typename T, MaskKind MK, BiasKind BK, bool TABLE, int NPARTS = 1>
 __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileShape& ts, const StageLayout& L,
-                                           int64_t t, int64_t rows, uint8_t* stage, uint32_t bar, uint8_t* table) {
+                                           int64_t t, int64_t rows, uint8_t* stage, uint32_t bar, uint8_t* table,
+                                           int part = 0) {
   constexpr int V = 16 / sizeof(T);
   using R = Row<T, MK, BK, int>;
   const int mask_row_bytes = ts.slot * V * static_cast<int>(sizeof(typename R::MaskT));
@@ -206,10 +209,12 @@ __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileSha
   const int64_t first = t * ts.rows;
   const int64_t last = (first + ts.rows < rows ? first + ts.rows : rows) - 1;
   const int jobs = ts.rows * ts.pieces;  // (row, piece) pairs; pieces is 1 or rows is 1
-  if (L.whole_tile && lane == 0)
+  const int per = (jobs + NPARTS - 1) / NPARTS;
+  const int j_end = (part + 1) * per < jobs ? (part + 1) * per : jobs;
+  if (L.whole_tile && part == 0 && lane == 0)
     stage_copy(smem_u32(stage), static_cast<const T*>(P.in) + first * P.K,
                static_cast<uint32_t>((last - first + 1) * P.K * static_cast<int64_t>(sizeof(T))), bar, once);
-  for (int j = lane; j < jobs; j += 32) {
+  for (int j = part * per + lane; j < j_end; j += 32) {
     const int rr = ts.pieces == 1 ? j : 0, pc = ts.pieces == 1 ? 0 : j;
     const int64_t row = first + rr;
     if (!TABLE && row > last) break;
@@ -356,6 +361,12 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // and 32 where mask / bias chunks need registers too), so a stage is released as soon as it is
   // read.
   static_assert(C == 8 || C == 4, "chunks per thread");
+  // Who issues a tile's copies: the producer warp; in cluster rows every warp its share of the
+  // block's pieces, after its own writes of the tile before (each warp's lane 0 arrives); else
+  // warp 0. (Every warp issuing its run of the tile's rows lost 0.013 on gpt and 0.02 to 0.04 on
+  // fp32-alibi; in cluster rows it gained 0.017 on decode-b8-k64k and 0.01 to 0.02 on k256k:
+  // docs/perf.md, "After v24".)
+  constexpr int kIssueParts = !WS && CLUSTER ? kStagedThreads / 32 : 1;
 
   extern __shared__ __align__(128) uint8_t stage_mem[];
   __shared__ StagedScratch sh;
@@ -382,7 +393,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
 
   if (tid == 0) {
     if constexpr (ALIGNED) {
-      for (int s = 0; s < L.stages; ++s) mbar_init(smem_u32(&sh.full[s]), 1);
+      for (int s = 0; s < L.stages; ++s) mbar_init(smem_u32(&sh.full[s]), kIssueParts);
       ts_shared = ts;  // warp 0 reads the tile shape from here, not from registers held all along
     }
     if (CLUSTER) sh.xc.init();
@@ -401,12 +412,12 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     }
     if (unit < ntiles) bar_sync(kTableBar, kWsThreads);  // the first tile's table
   } else if constexpr (ALIGNED) {
-    if (warp == 0) {
+    if (kIssueParts > 1 || warp == 0) {
       for (int s = 0; s < L.stages; ++s) {
         const int64_t t = unit + s * nunits;
         if (t < ntiles)
-          issue_tile<T, MK, BK, kTable>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes,
-                                        smem_u32(&sh.full[s]), row_table + s * L.table_bytes);
+          issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes,
+                                                     smem_u32(&sh.full[s]), row_table + s * L.table_bytes, kIssueParts > 1 ? warp : 0);
       }
     }
     if (kTable) __syncthreads();  // the row tables of the first tiles are written
@@ -612,9 +623,9 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       // Every thread was done with stage s at the barrier above: refill it. (Here, not right after
       // the barrier, where the copy warp's work would add to the registers that hold the logits.)
       const int64_t t2 = t + L.stages * nunits;
-      if (!WS && warp == 0 && t2 < ntiles)
-        issue_tile<T, MK, BK, kTable>(P, ts_shared, L, t2, rows, stage_mem + s * L.stage_bytes,
-                                      smem_u32(&sh.full[s]), row_table + s * L.table_bytes);
+      if (!WS && (kIssueParts > 1 || warp == 0) && t2 < ntiles)
+        issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t2, rows, stage_mem + s * L.stage_bytes,
+                                                   smem_u32(&sh.full[s]), row_table + s * L.table_bytes, kIssueParts > 1 ? warp : 0);
       if (++s == L.stages) {
         s = 0;
         phase ^= 1u;
