@@ -191,7 +191,7 @@ __device__ __forceinline__ void stage_group(const SoftmaxParams& P, const TileSh
 // of each row's scores (or the whole tile in one copy, L.whole_tile), and the operand rows that
 // are staged: per row (the row's visible chunks) or per group (stage_group). Operand rows read
 // from global memory that each row has of its own are prefetched into L2 instead. The warp takes
-// the part-th of `nparts` equal runs of the tile's (row, piece) jobs (the whole-tile copy goes with
+// the part-th of NPARTS equal runs of the tile's (row, piece) jobs (the whole-tile copy goes with
 // part 0). Each lane raises the barrier's transaction count before each of its copies; lane 0
 // arrives once all have (the barrier expects one arrival a part). With TABLE, each row's Row also
 // goes into `table` for the compute threads. (Operands reach this kernel only with stride 1 along
@@ -394,7 +394,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   if (tid == 0) {
     if constexpr (ALIGNED) {
       for (int s = 0; s < L.stages; ++s) mbar_init(smem_u32(&sh.full[s]), kIssueParts);
-      ts_shared = ts;  // warp 0 reads the tile shape from here, not from registers held all along
+      ts_shared = ts;  // the copy warps read the tile shape from here, not from registers held all along
     }
     if (CLUSTER) sh.xc.init();
     mbar_fence_init();
@@ -417,7 +417,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         const int64_t t = unit + s * nunits;
         if (t < ntiles)
           issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes,
-                                                     smem_u32(&sh.full[s]), row_table + s * L.table_bytes, kIssueParts > 1 ? warp : 0);
+                                                     smem_u32(&sh.full[s]), row_table + s * L.table_bytes,
+                                                     kIssueParts > 1 ? warp : 0);
       }
     }
     if (kTable) __syncthreads();  // the row tables of the first tiles are written
@@ -625,7 +626,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       const int64_t t2 = t + L.stages * nunits;
       if (!WS && (kIssueParts > 1 || warp == 0) && t2 < ntiles)
         issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t2, rows, stage_mem + s * L.stage_bytes,
-                                                   smem_u32(&sh.full[s]), row_table + s * L.table_bytes, kIssueParts > 1 ? warp : 0);
+                                                   smem_u32(&sh.full[s]), row_table + s * L.table_bytes,
+                                                   kIssueParts > 1 ? warp : 0);
       if (++s == L.stages) {
         s = 0;
         phase ^= 1u;
