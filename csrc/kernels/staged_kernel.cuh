@@ -3,11 +3,12 @@
 // A persistent grid of 256-thread blocks (two per SM) walks over tiles of rows. A tile is
 // 32 KiB of scores: R = 256 / rt rows of rt * 8 sixteen-byte chunks each (rt threads per row,
 // a power of two up to 256), or, for rows longer than 32 KiB, one 32 KiB slice of a row for
-// each block of a thread-block cluster of up to 16 blocks. Warp 0 (or, in the warp-specialised
-// blocks of rows with two operand tensors, a ninth warp of its own) copies the visible part of
-// each row of a tile into one of 2 to 6 shared-memory stages with `cp.async.bulk`, completing on
-// the stage's mbarrier, so that tiles are in flight while a tile is computed; with them, where it
-// pays, the mask / bias rows the tile reads (StageLayout). Thread `lane` of
+// each block of a thread-block cluster of up to 16 blocks. Warp 0 (in the warp-specialised blocks
+// of rows with two operand tensors, a ninth warp of its own; in cluster rows, every warp its share
+// of the block's pieces) copies the visible part of each row of a tile into one of 2 to 6
+// shared-memory stages with `cp.async.bulk`, completing on the stage's mbarrier, so that tiles
+// are in flight while a tile is computed; with them, where it pays, the mask / bias rows the tile
+// reads (StageLayout). Thread `lane` of
 // a row takes chunks c * rt + lane (c < 8) of its slice: it forms their logits once (kept in
 // registers when the row has at most one mask / bias tensor), reduces an online max / sum, and
 // writes the outputs with 16-byte stores; hidden chunks (causal, window) are never read and are
@@ -93,7 +94,7 @@ struct StagedScratch {
   ClusterExchange xc;                   // cluster rows
 };
 
-// A tile's geometry, the same for the producer (warp 0) and every thread. A row slot holds
+// A tile's geometry, the same for the copy warps and every thread. A row slot holds
 // C * rt chunks in C pieces of rt: without a cluster, piece c is chunks [c * rt, (c + 1) * rt) of
 // the row; in a cluster of n blocks, block q holds the row's pieces c * n + q (pieces interleaved
 // across the blocks, so causal rows load them evenly).
