@@ -78,20 +78,21 @@ fi
 if has ncu; then
   # Achieved DRAM bandwidth, occupancy and grid of the kernel on cases short of their targets.
   : > "$OUT/ncu.txt"
-  # NCU_ONLY="bloom gpt" profiles only those cases. SourceCounters prints branch and shared-memory
-  # wavefront figures (its per-instruction stall samples show only in a saved report); the second
-  # run below prints the stall reasons as numbers.
+  # NCU_ONLY="bloom gpt" profiles only those cases. One profiled run a case, saved as a report
+  # (SourceCounters' per-instruction stall samples show only there); the details page goes to
+  # ncu.txt, then the stall reasons as numbers from the report's raw page.
+  rep_dir=$(mktemp -d)
   while read -r name args; do
     [ -n "${NCU_ONLY:-}" ] && [[ " $NCU_ONLY " != *" $name "* ]] && continue
     echo "=== $name: $args" >> "$OUT/ncu.txt"
     TP_SOFTMAX_LAUNCH_INFO=1 ncu --clock-control none --kernel-name regex:softmax_kernel --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
-      --section SourceCounters \
+      --section SourceCounters -f -o "$rep_dir/$name" \
       python3 scripts/profile_case.py $args >> "$OUT/ncu.txt" 2>&1
-    # The stall reasons as numbers: warps stalled per issued instruction, by reason (raw page).
+    ncu --import "$rep_dir/$name.ncu-rep" --page details >> "$OUT/ncu.txt" 2>&1
+    # The stall reasons: warps stalled per issued instruction, by reason.
     echo "--- stall reasons (warps stalled per issued instruction), $name" >> "$OUT/ncu.txt"
-    ncu --clock-control none --kernel-name regex:softmax_kernel --launch-skip 2 --launch-count 1 \
-      --section WarpStateStats --page raw python3 scripts/profile_case.py $args 2>&1 |
+    ncu --import "$rep_dir/$name.ncu-rep" --page raw 2>&1 |
       grep -E 'issue_stalled_[a-z_]+_per_issue_active' >> "$OUT/ncu.txt"
   done <<'CASES'
 bloom 1 56 112 2048 2048 fp16 causal alibi pad
@@ -101,6 +102,7 @@ fp32-alibi 4 16 32 512 512 fp32 causal alibi
 k256k 1 128 128 1 262144 bf16
 long-32k 1 2 2 32768 32768 bf16 causal
 CASES
+  rm -rf "$rep_dir"
   note ncu ok "$(grep -c 'DRAM Throughput' "$OUT/ncu.txt") profiles (ncu.txt)"
 fi
 if has bench; then
