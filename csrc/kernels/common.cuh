@@ -447,6 +447,16 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       : "memory");
 }
 
+// The cluster barrier in two halves: arrive (releasing this thread's writes, the barrier inits
+// among them), and later wait for every thread of the cluster to have arrived (acquiring theirs).
+// Every thread of the cluster arrives once, then waits, each in warp-uniform control flow.
+__device__ __forceinline__ void cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
 // ---- PTX: bulk copies ---------------------------------------------------------------------------
 // L2 cache policies for the bulk copies: evict first (scores and operand rows read once) or
 // normal (operand rows shared by the tiles of a group). The policy is a literal in the asm.

@@ -401,11 +401,10 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     mbar_fence_init();
   }
   // The other blocks of a cluster push into this block's barriers: they must see them set up.
-  if (CLUSTER) {
-    cg::this_cluster().sync();
-  } else if (ALIGNED) {
-    __syncthreads();
-  }
+  // Here a block of a cluster only arrives at the cluster barrier; it waits there before its first
+  // exchange, so that its first copies are issued in between.
+  if (CLUSTER || ALIGNED) __syncthreads();
+  if (CLUSTER) cluster_arrive();
   if constexpr (WS) {
     if (tid >= kStagedThreads) {  // the producer warp
       produce_tiles<T, MK, BK>(P, ts_shared, L, ntiles, rows, sh, stage_mem, row_table);
@@ -580,7 +579,10 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       st = CLUSTER ? combine_warps_max_first(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5)
                    : combine_warps(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5);
     }
-    if constexpr (CLUSTER) st = sh.xc.combine(st, cluster, k);
+    if constexpr (CLUSTER) {
+      if (k == 0) cluster_wait();  // every block of the cluster has set up its barriers
+      st = sh.xc.combine(st, cluster, k);
+    }
 
     // Write: every chunk of the slice, zeros where hidden.
     const Normaliser norm(st);
@@ -635,6 +637,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       }
     }
   }
+  if (CLUSTER && k == 0) cluster_wait();  // a cluster with no row: the wait of the arrival above
   // No block of a cluster may exit while another can still write to its shared memory.
   if (CLUSTER) cg::this_cluster().sync();
 }
