@@ -36,7 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from generate import DTYPES, check_tokens, exit_now, make_inputs, pick_device, run_in_group  # noqa: E402
+from generate import DTYPES, check_tokens, make_inputs, pick_device, run_in_group  # noqa: E402
+from teardown import exit_now  # noqa: E402
 
 MAX_TRANSFORMERS = (4, 43)
 # DeepSpeed's fused kernels round differently from Hugging Face (and its PyTorch fallbacks use

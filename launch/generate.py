@@ -36,8 +36,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # teardown
 
 from tp_softmax.models import TPBloomForCausalLM  # noqa: E402
+from teardown import exit_now  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -267,16 +269,6 @@ def run_in_group(device, timeout_s: float, check, pass_line: str, fail_line: str
         # PyTorch can abort at exit when such objects outlive destroy_process_group().
         gc.collect()
         dist.destroy_process_group()
-
-
-def exit_now(status: int) -> None:
-    """Exit with ``status`` once the group is destroyed, skipping the interpreter's teardown: with
-    gloo, a rank could still abort there ("terminate called without an active exception", after
-    its PASS line, once in CI), when objects of gloo's worker threads are freed during
-    finalization."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 def main(argv=None) -> int:

@@ -41,7 +41,9 @@ import torch.distributed as dist
 
 # From a checkout, without installing: the package sits beside launch/.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # teardown
 from tp_softmax import TPSoftmax, attention_softmax, head_partition  # noqa: E402
+from teardown import exit_now  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FAULTS = ("head-offset", "bits", "raise", "stall", "options", "shapes")
@@ -312,4 +314,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
