@@ -384,39 +384,52 @@ def test_second_gpu():
 def test_streaming_path_and_cluster_path_reported():
     from tp_softmax import _kernel
 
-    # longer rows than a cluster of 16 slices: staged pieces of 8 KiB (512 chunks), up to 27 a
-    # block, on the smallest cluster of 4, 8 or 16 blocks that holds the row
-    for K, dtype, cluster, pieces in ((262152, torch.float16, 4, 17), (300000, torch.bfloat16, 4, 19),
-                                      (27 * 512 * 4 * 8, torch.float16, 4, 27),
-                                      (27 * 512 * 4 * 8 + 8, torch.float16, 8, 14),
-                                      (600000, torch.float16, 8, 19), (262144, torch.float32, 8, 16),
-                                      (1 << 20, torch.float16, 16, 16),
+    # longer rows than a cluster of 16 wide slices (64 KiB of 16-byte chunks, 8 a thread of 512):
+    # staged pieces of 8 KiB (512 chunks), up to 27 a block, on the smallest cluster of 4, 8 or
+    # 16 blocks that holds the row (4 only holds rows of fewer chunks than the staged path: with
+    # two operand tensors, whose wide slices are 32 KiB)
+    for K, dtype, cluster, pieces in ((524296, torch.float16, 8, 17), (600000, torch.float16, 8, 19),
+                                      (27 * 512 * 8 * 8, torch.float16, 8, 27),
+                                      (27 * 512 * 8 * 8 + 8, torch.float16, 16, 14),
+                                      (1 << 20, torch.float16, 16, 16), (262148, torch.float32, 8, 17),
                                       (27 * 8192 * 8, torch.bfloat16, 16, 27), (27 * 8192 * 4, torch.float32, 16, 27)):
         text = _kernel.row_config(K, dtype)
         assert "one read (long rows)" in text and f"{pieces} piece(s)" in text, text
         assert f"cluster {cluster} x" in text, text
+    text = _kernel.row_config(262152, torch.float16, two_operands=True)
+    assert "one read (long rows)" in text and "cluster 4 x" in text and "17 piece(s)" in text, text
     for K, dtype in ((27 * 8192 * 8 + 8, torch.float16), (27 * 8192 * 4 + 4, torch.float32)):
         text = _kernel.row_config(K, dtype)
         assert "two reads" in text and "cluster 16" in text, text
-    for K, dtype in ((131072, torch.float32), (262144, torch.bfloat16)):
+    # up to two slices: one block of 512 threads; up to 16: a cluster of 4, 8 or 16 blocks of 256;
+    # up to 16 wide slices: a cluster of 16 blocks of 512
+    for K, dtype, rt, cluster in ((16392, torch.float16, 512, 1), (32768, torch.bfloat16, 512, 1),
+                                  (32776, torch.float16, 256, 4), (65536, torch.bfloat16, 256, 4),
+                                  (131072, torch.bfloat16, 256, 8), (262144, torch.bfloat16, 256, 16),
+                                  (262152, torch.float16, 512, 16), (262144, torch.float32, 512, 16),
+                                  (524288, torch.bfloat16, 512, 16)):
         text = _kernel.row_config(K, dtype)
-        assert "one read" in text and "cluster 16" in text, text
-    assert "cluster 1," in _kernel.row_config(16384, torch.float16)
-    assert "cluster 2," in _kernel.row_config(16392, torch.float16)
+        assert f"one read (staged): {rt} thread(s)/row" in text, text
+        assert f"cluster {cluster}, {rt} threads/block" in text, text
+    assert "256 thread(s)/row" in _kernel.row_config(16384, torch.float16)
+    assert "cluster 1, 256 threads/block" in _kernel.row_config(16384, torch.float16)
     # a mask and an alibi tensor: 4 chunks per thread, so half as many keys per block
     assert "x 4 chunk" in _kernel.row_config(8192, torch.float16, two_operands=True)
-    assert "cluster 2," in _kernel.row_config(16384, torch.float16, two_operands=True)
-    # rows of one block with two operand tensors have a producer warp; cluster rows do not
+    assert "cluster 1, 512 threads/block" in _kernel.row_config(16384, torch.float16, two_operands=True)
+    assert "cluster 4, 256 threads/block" in _kernel.row_config(32768, torch.float16, two_operands=True)
+    assert "cluster 16, 512 threads/block" in _kernel.row_config(262144, torch.float16, two_operands=True)
+    # rows of one 256-thread block with two operand tensors have a producer warp; wide rows do not
     assert "producer warp" in _kernel.row_config(8192, torch.float16, two_operands=True)
     assert "producer warp" not in _kernel.row_config(16384, torch.float16, two_operands=True)
     assert "producer warp" not in _kernel.row_config(8192, torch.float16)
 
 
 # Many more tiles than resident blocks: every stage of the copy pipeline is reused many times
-# (mbarrier phases wrap), with rows per tile from 256 (K = 8) to one row slice per cluster block.
+# (mbarrier phases wrap), with rows per tile from 256 (K = 8) to one row slice per cluster block
+# (one block of 512 threads a row: 132 resident on an H100; clusters of 16 such blocks: 7).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("K,B,H,Q", [(8, 64, 16, 256), (512, 16, 16, 256), (4096, 64, 32, 1), (2048, 2, 8, 2048),
-                                     (20000, 4, 8, 64), (65536, 8, 32, 1)])
+                                     (20000, 4, 8, 64), (65536, 8, 32, 1), (300000, 1, 24, 1)])
 def test_many_tiles_per_block(K, B, H, Q, dtype):
     gen = torch.Generator(device="cuda").manual_seed(K + B)
     H_total = H + 2

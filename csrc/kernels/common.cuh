@@ -390,8 +390,8 @@ __device__ __forceinline__ MS combine_warps(const float* warp_max, const float* 
 // warps a row). Rows of one block keep combine_warps' merges: the maximum-first form cost BLOOM
 // prefill 1 to 3 % in four calls (docs/perf.md). This is combine_warps in that form (each warp's
 // pair read once).
+template <int kMaxWarps>  // the row's block: 8 or 16 warps
 __device__ __forceinline__ MS combine_warps_max_first(const float* warp_max, const float* warp_sum, int w0, int n) {
-  constexpr int kMaxWarps = 8;  // rows of at most 256 threads
   float wm[kMaxWarps], ws[kMaxWarps];
 #pragma unroll
   for (int w = 0; w < kMaxWarps; ++w) {

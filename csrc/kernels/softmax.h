@@ -32,8 +32,13 @@ TP_SOFTMAX_HOST_DEVICE constexpr bool bias_is_tensor(BiasKind k) {
 TP_SOFTMAX_HOST_DEVICE constexpr bool reads_two_operands(MaskKind m, BiasKind b) {
   return m != MaskKind::kNone && bias_is_tensor(b);
 }
-// Rows of 4 chunks a thread (two operand tensors) that one block holds, 16-byte aligned, run in
-// warp-specialised blocks: a producer warp beside the 256 compute threads (staged_kernel.cuh).
+// Some rows longer than one 256-thread block's slice (8 or 4 chunks a thread) run on blocks of
+// this many threads, one an SM: one block, or a cluster of 16 (choose_row_config).
+constexpr int kWideThreads = 512;
+
+// Rows of 4 chunks a thread (two operand tensors) that one 256-thread block holds, 16-byte
+// aligned, run in warp-specialised blocks: a producer warp beside the 256 compute threads
+// (staged_kernel.cuh). `clustered`: rows of several blocks, or of one wide block.
 TP_SOFTMAX_HOST_DEVICE constexpr bool warp_specialised(int chunks, bool aligned, bool clustered) {
   return chunks == 4 && aligned && !clustered;
 }
@@ -81,7 +86,7 @@ struct SoftmaxParams {
 struct RowConfig {
   int chunks;          // 16-byte chunks of a row per thread (8, or 4 when both a mask and a bias
                        // tensor are read: one read, staged); 0 = streaming path
-  int row_threads;     // threads of one block working on a row (1 .. 256, power of two)
+  int row_threads;     // threads of one block working on a row (1 .. 256, or kWideThreads)
   int cluster;         // blocks of a thread-block cluster sharing a row (1 .. 16)
   int block_threads;   // threads per block
   int pieces;          // long rows (chunks == 0): 8 KiB pieces of a row per block
@@ -89,7 +94,7 @@ struct RowConfig {
                        // others take the same order with two reads), else read twice
 };
 
-// Long rows (more than 16 x 32 KiB): clusters of up to kLongRowMaxCluster blocks of
+// Long rows (more than 16 x 64 KiB, or 16 x 32 KiB with two operand tensors): clusters of up to kLongRowMaxCluster blocks of
 // kLongRowThreads share a row; a block's part of a row is staged in shared memory when it has at
 // most kLongRowMaxPieces pieces of kLongRowThreads 16-byte chunks.
 constexpr int kLongRowMaxCluster = 16;

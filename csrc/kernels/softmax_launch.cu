@@ -30,12 +30,20 @@ RowConfig choose_row_config(int64_t K, DType dtype, bool two_operands) {
   const int64_t kPerThread = two_operands ? 4 : 8;  // chunks of a row per thread and block
   constexpr int64_t kBlock = 256;                   // threads per block
   const int64_t kSlice = kPerThread * kBlock;       // chunks per block: 32 KiB (16 KiB)
+  const int64_t kWide = kPerThread * kWideThreads;  // chunks per wide block: 64 KiB (32 KiB)
   const int64_t chunks = ceil_div(K, 16 / elem_size(dtype));  // 16-byte chunks of a row
   const int cpt = static_cast<int>(kPerThread);
   // Rows up to one slice: 256 / rt rows per block, rt threads per row.
   if (chunks <= kSlice) return {cpt, static_cast<int>(next_pow2(ceil_div(chunks, kPerThread))), 1, 256, 0, false};
-  // Up to 16 slices: a cluster of blocks shares the row, one slice each.
+  // Up to two slices: one block of kWideThreads threads, one an SM (against a cluster of two
+  // 256-thread blocks: long-32k +0.011, 20000 keys +0.03; docs/perf.md, v27).
+  if (chunks <= kWide) return {cpt, kWideThreads, 1, kWideThreads, 0, false};
+  // Up to 16 slices: a cluster of 256-thread blocks shares the row, one slice each (4, 8 or 16:
+  // two blocks an SM keep more rows in flight than one wide block an SM; v27).
   if (chunks <= 16 * kSlice) return {cpt, 256, static_cast<int>(next_pow2(ceil_div(chunks, kSlice))), 256, 0, false};
+  // Up to 16 wide slices: a cluster of 16 wide blocks (against the long-row kernel below:
+  // 524288 bf16 keys 0.58 to 0.70; v27).
+  if (chunks <= 16 * kWide) return {cpt, kWideThreads, 16, kWideThreads, 0, false};
   // Longer: a cluster of blocks of 512 threads, one chunk a thread in each 8 KiB piece; the
   // smallest cluster of 4, 8 or 16 blocks whose blocks hold their part of the row in shared
   // memory (one block an SM: smaller clusters leave fewer SMs idle), else 16 and two reads.
@@ -53,7 +61,9 @@ const char* describe_row_config(int64_t K, DType dtype, bool two_operands, char*
   if (c.chunks > 0)
     snprintf(buf, len, "one read (staged): %d thread(s)/row x %d chunk(s), cluster %d, %d threads/block%s",
              c.row_threads, c.chunks, c.cluster, c.block_threads,
-             warp_specialised(c.chunks, true, c.cluster > 1) ? " + a producer warp (16-byte aligned rows)" : "");
+             warp_specialised(c.chunks, true, c.cluster > 1 || c.block_threads == kWideThreads)
+                 ? " + a producer warp (16-byte aligned rows)"
+                 : "");
   else if (c.staged)
     snprintf(buf, len,
              "one read (long rows): cluster %d x %d threads, %d piece(s) of 8 KiB a block staged in shared memory "

@@ -28,9 +28,15 @@
 namespace tp_softmax {
 namespace detail {
 
-constexpr int kStagedThreads = 256;
+constexpr int kStagedThreads = 256;            // compute threads of a block of rows of one slice
+// (kWideThreads, softmax.h: of a block of a longer row, alone or in a cluster; one block an SM)
 constexpr int kStagedSmemBudget = 110 * 1024;  // dynamic shared memory for the stages (two blocks/SM)
+constexpr int kWideSmemBudget = 220 * 1024;    // (one block an SM)
 constexpr int kMaxStages = 6;
+template <bool WIDE>
+constexpr int kComputeThreads = WIDE ? kWideThreads : kStagedThreads;
+template <bool WIDE>
+constexpr int kSmemBudget = WIDE ? kWideSmemBudget : kStagedSmemBudget;
 
 // Rows of 4 chunks a thread (16-byte aligned, one block per row) run in a warp-specialised block:
 // the 256 compute threads and a ninth warp, the producer, that issues every copy and writes each
@@ -44,20 +50,20 @@ constexpr int kMaxStages = 6;
 // 96 registers a thread of two such blocks an SM has (18 warps: five on some scheduler,
 // 5 x 32 x 96 <= 16384).
 template <int C, bool ALIGNED, bool CLUSTER>
-constexpr bool kWarpSpecialised = warp_specialised(C, ALIGNED, CLUSTER);
+constexpr bool kWarpSpecialised = warp_specialised(C, ALIGNED, CLUSTER);  // (WIDE implies CLUSTER)
 constexpr int kWsThreads = kStagedThreads + 32;
 constexpr int kComputeBar = 1, kTableBar = 2, kFreeBar = 2 + kMaxStages;  // named barrier ids
 static_assert(kFreeBar + kMaxStages <= 16, "a block has 16 named barriers");
-template <int C, bool ALIGNED, bool CLUSTER>
-constexpr int kBlockThreads = kWarpSpecialised<C, ALIGNED, CLUSTER> ? kWsThreads : kStagedThreads;
+template <int C, bool ALIGNED, bool CLUSTER, bool WIDE>
+constexpr int kBlockThreads = kWarpSpecialised<C, ALIGNED, CLUSTER> ? kWsThreads : kComputeThreads<WIDE>;
 
 // C chunks per thread: 8 (32 KiB tiles, 3 stages without staged operands), or 4 (16 KiB tiles,
 // 6 stages) for rows that read a mask or bias tensor (their operand loads and 8 chunks of logits
 // would not fit in the 128 registers of two blocks per SM).
-template <int C>
+template <int C, bool WIDE>
 struct TileGeometry {
-  static constexpr int kTileBytes = kStagedThreads * C * 16;
-  static_assert(kStagedSmemBudget / kTileBytes >= 2, "stage count");
+  static constexpr int kTileBytes = kComputeThreads<WIDE> * C * 16;
+  static_assert(kSmemBudget<WIDE> / kTileBytes >= 2, "stage count");
 };
 
 // Where the chunks of a tile's mask / bias rows are read from: global memory, or rows the copy
@@ -89,8 +95,8 @@ struct StageLayout {
 
 struct StagedScratch {
   unsigned long long full[kMaxStages];  // one mbarrier per stage
-  float warp_max[2][kStagedThreads / 32];
-  float warp_sum[2][kStagedThreads / 32];
+  float warp_max[2][kWideThreads / 32];
+  float warp_sum[2][kWideThreads / 32];
   ClusterExchange xc;                   // cluster rows
 };
 
@@ -101,7 +107,7 @@ struct StagedScratch {
 struct TileShape {
   int rt;       // threads of a block per row (chunks per piece), a power of two
   int rt_shift; // log2(rt)
-  int rows;     // rows per tile (kStagedThreads / rt)
+  int rows;     // rows per tile (compute threads / rt)
   int slot;     // chunks of a row slot in a stage (rt * C)
   int pieces;   // pieces per row slot that are copied separately (C in a cluster, else 1)
   int cluster;  // blocks per row
@@ -270,12 +276,12 @@ inline int operand_mode(const SoftmaxParams& p, const void* ptr, const int64_t* 
 // Rows of `rt` threads (aligned path): which operands are staged, the stage size and count.
 // TP_SOFTMAX_STAGE_OPERANDS=0 reads every operand from global memory (for comparisons: the
 // results are the same bits).
-template <typename T, MaskKind MK, BiasKind BK, int C>
+template <typename T, MaskKind MK, BiasKind BK, int C, bool WIDE>
 StageLayout staged_layout(const SoftmaxParams& p, int rt, int cluster) {
   using R = Row<T, MK, BK, int>;
   constexpr int64_t V = 16 / sizeof(T);
-  constexpr int64_t kTile = TileGeometry<C>::kTileBytes;
-  const int64_t rows = kStagedThreads / rt, slot = int64_t{rt} * C;
+  constexpr int64_t kTile = TileGeometry<C, WIDE>::kTileBytes;
+  const int64_t rows = kComputeThreads<WIDE> / rt, slot = int64_t{rt} * C;
   const char* env = std::getenv("TP_SOFTMAX_STAGE_OPERANDS");
   const bool stage = env == nullptr || env[0] != '0';
   int mm = R::kMask && stage ? operand_mode(p, p.mask, p.mask_stride, sizeof(typename R::MaskT)) : kOpGlobal;
@@ -308,7 +314,7 @@ StageLayout staged_layout(const SoftmaxParams& p, int rt, int cluster) {
   for (;;) {
     const int64_t mb = region(mm, sizeof(typename R::MaskT)), bb = region(bm, sizeof(typename R::BiasT));
     const int64_t total = (kTile + mb + bb + 127) / 128 * 128;
-    const int64_t n = kStagedSmemBudget / (total + table);  // stages that fit
+    const int64_t n = kSmemBudget<WIDE> / (total + table);  // stages that fit
     if (n >= 2) {
       return {static_cast<int>(n < kMaxStages ? n : kMaxStages), static_cast<int>(total), mm, bm,
               static_cast<int>(kTile), static_cast<int>(kTile + mb), whole, static_cast<int>(table)};
@@ -349,8 +355,10 @@ __device__ __forceinline__ void produce_tiles(const SoftmaxParams& P, const Tile
 // Grid: units of `cluster` blocks; unit u takes tiles u, u + units, ... (`ntiles` in all).
 // CLUSTER: rows longer than one slice, shared by a cluster of `cluster` (2 to 16) blocks; else
 // `cluster` is 1 (a template parameter so that rows of one block carry none of the exchange).
-template <typename T, MaskKind MK, BiasKind BK, int C, bool ALIGNED, bool CLUSTER>
-__global__ void __launch_bounds__(kBlockThreads<C, ALIGNED, CLUSTER>, 2)
+// WIDE (with CLUSTER): blocks of kWideThreads threads, one an SM, a row's slice of twice the
+// length each, alone (`cluster` 1: no exchange) or in a cluster of 16 (choose_row_config).
+template <typename T, MaskKind MK, BiasKind BK, int C, bool ALIGNED, bool CLUSTER, bool WIDE = false>
+__global__ void __launch_bounds__(kBlockThreads<C, ALIGNED, CLUSTER, WIDE>, WIDE ? 1 : 2)
 staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t ntiles, const StageLayout L) {
   constexpr bool WS = kWarpSpecialised<C, ALIGNED, CLUSTER>;
   constexpr bool kTable = kRowTable<C> && ALIGNED;  // rows from the copy warp's table
@@ -367,7 +375,9 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // warp 0. (Every warp issuing its run of the tile's rows lost 0.013 on gpt and 0.02 to 0.04 on
   // fp32-alibi; in cluster rows it gained 0.017 on decode-b8-k64k and 0.01 to 0.02 on k256k:
   // docs/perf.md, "After v24".)
-  constexpr int kIssueParts = !WS && CLUSTER ? kStagedThreads / 32 : 1;
+  static_assert(CLUSTER || !WIDE, "wide rows take the cluster kernel");
+  constexpr int NT = kComputeThreads<WIDE>;
+  constexpr int kIssueParts = !WS && CLUSTER ? NT / 32 : 1;
 
   extern __shared__ __align__(128) uint8_t stage_mem[];
   __shared__ StagedScratch sh;
@@ -379,7 +389,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   TileShape ts;
   ts.rt = rt;
   ts.rt_shift = __ffs(rt) - 1;
-  ts.rows = kStagedThreads >> ts.rt_shift;
+  ts.rows = NT >> ts.rt_shift;
   ts.slot = rt * C;
   ts.pieces = cluster > 1 ? C : 1;
   ts.cluster = cluster;
@@ -404,7 +414,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // Here a block of a cluster only arrives at the cluster barrier; it waits there before its first
   // exchange, so that its first copies are issued in between.
   if (CLUSTER || ALIGNED) __syncthreads();
-  if (CLUSTER) cluster_arrive();
+  if (CLUSTER && (!WIDE || cluster > 1)) cluster_arrive();
   if constexpr (WS) {
     if (tid >= kStagedThreads) {  // the producer warp
       produce_tiles<T, MK, BK>(P, ts_shared, L, ntiles, rows, sh, stage_mem, row_table);
@@ -576,10 +586,10 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     }
     if (block_rows) {
       const int w0 = row_in_tile * (rt >> 5);
-      st = CLUSTER ? combine_warps_max_first(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5)
+      st = CLUSTER ? combine_warps_max_first<NT / 32>(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5)
                    : combine_warps(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5);
     }
-    if constexpr (CLUSTER) {
+    if (CLUSTER && (!WIDE || cluster > 1)) {
       if (k == 0) cluster_wait();  // every block of the cluster has set up its barriers
       st = sh.xc.combine(st, cluster, k);
     }
@@ -637,9 +647,9 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       }
     }
   }
-  if (CLUSTER && k == 0) cluster_wait();  // a cluster with no row: the wait of the arrival above
-  // No block of a cluster may exit while another can still write to its shared memory.
-  if (CLUSTER) cg::this_cluster().sync();
+  // No block of a cluster may exit while another can still write to its shared memory. (Every
+  // unit has a tile, so every block has waited for the arrival above.)
+  if (CLUSTER && (!WIDE || cluster > 1)) cg::this_cluster().sync();
 }
 
 }  // namespace detail
