@@ -480,7 +480,10 @@ def test_rows_beyond_sixteen_slices_are_held_to_their_own_floor():
     assert bench.own_floor_bytes("kernel (one read (long rows): cluster 16 x 512 threads, 16 piece(s) ...)",
                                  floor) == 210
     assert bench.own_floor_bytes("kernel (one read (staged): 256 thread(s)/row x 8 chunk(s), cluster 16)",
-                                 floor) is None
+                                 floor, 16 * 32 * 1024) is None
+    # rows beyond 16 x 32 KiB that one cluster of wide blocks reads once: the floor itself
+    assert bench.own_floor_bytes("kernel (one read (staged): 512 thread(s)/row x 8 chunk(s), cluster 16)",
+                                 floor, 16 * 32 * 1024 + 2) == 210
     # Their target is 0.60 of that floor, not the decode / prefill efficiency.
     for own, reads, miss in ((0.65, "one read", []), (0.55, "two reads", ["own eff<0.60"])):
         rows = _summary_rows(copy_ms=1.0, floor_copy_ms=1.0, tp_ms=1.5, compile_ms=3.0, q=1)

@@ -1,4 +1,5 @@
-// The kernel of long rows (more than 16 x 32 KiB): a cluster of 4, 8 or 16 blocks of 512 threads
+// The kernel of long rows (more than 16 x 64 KiB; 16 x 32 KiB with two operand tensors, in chunks of
+// 16 bytes: choose_row_config): a cluster of 4, 8 or 16 blocks of 512 threads
 // shares a row. Where the row is 16-byte aligned and a block's part of it fits in shared memory (up to
 // kMaxSlots pieces of 8 KiB), the bulk copy engine stages that part once and both passes (the
 // online max / sum, then the write) read it from there; otherwise the row is read twice from global
