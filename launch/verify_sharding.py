@@ -80,6 +80,10 @@ SCENARIOS = [
     ("chunk-boolhead", dict(batch=2, q=9, k=31, mask="bool-head"), "div"),
     ("prefill-addhead", dict(batch=2, q=12, k=12, causal=True, mask="add-head", layer_scale=0.5), "odd"),
     ("chunk-emptyrows", dict(batch=3, q=4, k=20, causal=True, mask="bool-empty"), 14),
+    # rows the CUDA kernel shares between 512-thread blocks: one a row (20000 16-bit keys), a
+    # cluster of 16 (300000)
+    ("decode-long", dict(batch=2, q=1, k=20000), "odd"),
+    ("decode-longest-slopes", dict(batch=1, q=1, k=300000, alibi="slopes"), "div"),
 ]
 
 

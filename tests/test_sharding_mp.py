@@ -42,7 +42,7 @@ def test_every_case_passes(world):
     proc = run_launcher(world)
     assert proc.returncode == 0, _output(proc)
     rows = _rows(proc)
-    assert len(rows) == 39, _output(proc)
+    assert len(rows) == 45, _output(proc)
     assert all(row.split()[-2:] == ["yes", "pass"] for row in rows), _output(proc)
     assert f"SUMMARY: all {len(rows)} cases passed (world size {world}, gloo)" in proc.stdout, _output(proc)
     heads = {int(re.search(r"-h(\d+)-", row).group(1)) for row in rows}
