@@ -94,9 +94,9 @@ struct RowConfig {
                        // others take the same order with two reads), else read twice
 };
 
-// Long rows (more than 16 x 64 KiB, or 16 x 32 KiB with two operand tensors): clusters of up to kLongRowMaxCluster blocks of
-// kLongRowThreads share a row; a block's part of a row is staged in shared memory when it has at
-// most kLongRowMaxPieces pieces of kLongRowThreads 16-byte chunks.
+// Long rows (more than 16 x 64 KiB, or 16 x 32 KiB with two operand tensors): clusters of up to
+// kLongRowMaxCluster blocks of kLongRowThreads share a row; a block's part of a row is staged in
+// shared memory when it has at most kLongRowMaxPieces pieces of kLongRowThreads 16-byte chunks.
 constexpr int kLongRowMaxCluster = 16;
 constexpr int kLongRowThreads = 512;
 constexpr int kLongRowMaxPieces = 27;

@@ -5,7 +5,8 @@
 // a power of two up to 256), or, for rows longer than 32 KiB, one 32 KiB slice of a row for
 // each block of a thread-block cluster of 4 to 16 blocks. Rows of one to two slices, and of 16 to
 // 32, take blocks of 512 threads (WIDE, one an SM), with 64 KiB tiles: one block a row, or a
-// cluster of 16. (16 KiB and 32 KiB, 4 chunks a thread, for rows with two operand tensors.) Warp 0 (in the warp-specialised blocks
+// cluster of 16. (16 KiB and 32 KiB, 4 chunks a thread, for rows with two operand tensors.)
+// Warp 0 (in the warp-specialised blocks
 // of rows with two operand tensors, a ninth warp of its own; in cluster rows, every warp its share
 // of the block's pieces) copies the visible part of each row of a tile into one of 2 to 6
 // shared-memory stages with `cp.async.bulk`, completing on the stage's mbarrier, so that tiles
