@@ -991,4 +991,7 @@ def run(args, dist: Dist) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # teardown
+    from teardown import exit_now
+
+    exit_now(main())  # under torchrun, once main has destroyed the group (Dist.close)
