@@ -365,8 +365,10 @@ class Runner:
         row["efficiency"] = row["floor_ms"] / timing.ms
         if name == "copy":
             row["floor_copy_ms"] = self._floor_copy_ms(problem)
-        row_bytes = problem.case.K * problem.sets[0]["scores"].element_size()
-        own = own_floor_bytes(row["path"], problem.floor, row_bytes) if name == "tp_softmax" else None
+        own = None
+        if name == "tp_softmax":
+            row_bytes = problem.case.K * problem.sets[0]["scores"].element_size()
+            own = own_floor_bytes(row["path"], problem.floor, row_bytes)
         if own is not None:
             row["own_efficiency"] = own / self.copy_bw * 1e3 / timing.ms
         return row

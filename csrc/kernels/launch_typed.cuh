@@ -125,7 +125,7 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
       constexpr int C = reads_two_operands(MK, BK) ? 4 : 8;  // as choose_row_config
       if (cfg.chunks != C) return cudaErrorInvalidValue;
       const bool wide = cfg.block_threads == kWideThreads;  // alone or in a cluster
-      const bool clustered = wide || cfg.cluster > 1;
+      const bool clustered = cluster_kernel(cfg);
       auto kernel = aligned ? (wide        ? staged_softmax_kernel<T, MK, BK, C, true, true, true>
                                : clustered ? staged_softmax_kernel<T, MK, BK, C, true, true>
                                            : staged_softmax_kernel<T, MK, BK, C, true, false>)
@@ -135,7 +135,7 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
       const StageLayout L = !aligned ? StageLayout{0, 0, kOpGlobal, kOpGlobal, 0, 0, 0, 0}
                             : wide   ? staged_layout<T, MK, BK, C, true>(p, cfg.row_threads, cfg.cluster)
                                      : staged_layout<T, MK, BK, C, false>(p, cfg.row_threads, cfg.cluster);
-      const int threads = warp_specialised(C, aligned, clustered) ? kWsThreads : wide ? kWideThreads : kStagedThreads;
+      const int threads = warp_specialised(C, aligned, clustered) ? kWsThreads : cfg.block_threads;
       const int smem = L.stages * (L.stage_bytes + L.table_bytes);
       if (aligned && std::getenv("TP_SOFTMAX_LAUNCH_INFO") != nullptr) {
         static const char* const kModes[] = {"global", "per row", "per head", "per batch"};
@@ -144,7 +144,7 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
                      bias_is_tensor(BK) ? kModes[L.bias_mode + 1] : "none", L.stages, L.stage_bytes,
                      L.whole_tile ? ", one copy per tile" : "");
       }
-      const int64_t rows_per_tile = (wide ? kWideThreads : kStagedThreads) / cfg.row_threads;
+      const int64_t rows_per_tile = cfg.block_threads / cfg.row_threads;  // compute threads / rt
       const int64_t ntiles = (rows + rows_per_tile - 1) / rows_per_tile;
       int64_t units = 0;
       const cudaError_t e = resident_units(reinterpret_cast<const void*>(kernel), threads, smem, cfg.cluster, units,

@@ -94,6 +94,11 @@ struct RowConfig {
                        // others take the same order with two reads), else read twice
 };
 
+// The staged rows of `c` run on the cluster kernel: shared by several blocks, or on one wide block.
+TP_SOFTMAX_HOST_DEVICE constexpr bool cluster_kernel(const RowConfig& c) {
+  return c.cluster > 1 || c.block_threads == kWideThreads;
+}
+
 // Long rows (more than 16 x 64 KiB, or 16 x 32 KiB with two operand tensors): clusters of up to
 // kLongRowMaxCluster blocks of kLongRowThreads share a row; a block's part of a row is staged in
 // shared memory when it has at most kLongRowMaxPieces pieces of kLongRowThreads 16-byte chunks.

@@ -61,9 +61,7 @@ const char* describe_row_config(int64_t K, DType dtype, bool two_operands, char*
   if (c.chunks > 0)
     snprintf(buf, len, "one read (staged): %d thread(s)/row x %d chunk(s), cluster %d, %d threads/block%s",
              c.row_threads, c.chunks, c.cluster, c.block_threads,
-             warp_specialised(c.chunks, true, c.cluster > 1 || c.block_threads == kWideThreads)
-                 ? " + a producer warp (16-byte aligned rows)"
-                 : "");
+             warp_specialised(c.chunks, true, cluster_kernel(c)) ? " + a producer warp (16-byte aligned rows)" : "");
   else if (c.staged)
     snprintf(buf, len,
              "one read (long rows): cluster %d x %d threads, %d piece(s) of 8 KiB a block staged in shared memory "

@@ -6,16 +6,14 @@
 // each block of a thread-block cluster of 4 to 16 blocks. Rows of one to two slices, and of 16 to
 // 32, take blocks of 512 threads (WIDE, one an SM), with 64 KiB tiles: one block a row, or a
 // cluster of 16. (16 KiB and 32 KiB, 4 chunks a thread, for rows with two operand tensors.)
-// Warp 0 (in the warp-specialised blocks
-// of rows with two operand tensors, a ninth warp of its own; in cluster rows, every warp its share
-// of the block's pieces) copies the visible part of each row of a tile into one of 2 to 6
-// shared-memory stages with `cp.async.bulk`, completing on the stage's mbarrier, so that tiles
-// are in flight while a tile is computed; with them, where it pays, the mask / bias rows the tile
-// reads (StageLayout). Thread `lane` of
-// a row takes chunks c * rt + lane (c < 8) of its slice: it forms their logits once (kept in
-// registers when the row has at most one mask / bias tensor), reduces an online max / sum, and
-// writes the outputs with 16-byte stores; hidden chunks (causal, window) are never read and are
-// written as zeros.
+// Warp 0 (in the warp-specialised blocks of rows with two operand tensors, a ninth warp of its
+// own; in cluster rows, every warp its share of the block's pieces) copies the visible part of
+// each row of a tile into one of 2 to 6 shared-memory stages with `cp.async.bulk`, completing on
+// the stage's mbarrier, so that tiles are in flight while a tile is computed; with them, where it
+// pays, the mask / bias rows the tile reads (StageLayout). Thread `lane` of a row takes chunks
+// c * rt + lane (c < 8) of its slice: it forms their logits once (kept in registers when the row
+// has at most one mask / bias tensor), reduces an online max / sum, and writes the outputs with
+// 16-byte stores; hidden chunks (causal, window) are never read and are written as zeros.
 //
 // The reduction order is fixed by (chunk slot, element, lane butterfly, warp order, cluster rank
 // order; in a cluster, warps and ranks take their maximum first), which depends only on rt and the
@@ -380,6 +378,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // docs/perf.md, "After v24".)
   static_assert(CLUSTER || !WIDE, "wide rows take the cluster kernel");
   constexpr int NT = kComputeThreads<WIDE>;
+  // Blocks that exchange partials and meet at cluster barriers: a wide block alone has none.
+  const bool exchange = CLUSTER && (!WIDE || cluster_arg > 1);
   constexpr int kIssueParts = !WS && CLUSTER ? NT / 32 : 1;
 
   extern __shared__ __align__(128) uint8_t stage_mem[];
@@ -417,7 +417,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // Here a block of a cluster only arrives at the cluster barrier; it waits there before its first
   // exchange, so that its first copies are issued in between.
   if (CLUSTER || ALIGNED) __syncthreads();
-  if (CLUSTER && (!WIDE || cluster > 1)) cluster_arrive();
+  if (exchange) cluster_arrive();
   if constexpr (WS) {
     if (tid >= kStagedThreads) {  // the producer warp
       produce_tiles<T, MK, BK>(P, ts_shared, L, ntiles, rows, sh, stage_mem, row_table);
@@ -592,7 +592,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       st = CLUSTER ? combine_warps_max_first<NT / 32>(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5)
                    : combine_warps(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5);
     }
-    if (CLUSTER && (!WIDE || cluster > 1)) {
+    if (exchange) {
       if (k == 0) cluster_wait();  // every block of the cluster has set up its barriers
       st = sh.xc.combine(st, cluster, k);
     }
@@ -652,7 +652,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   }
   // No block of a cluster may exit while another can still write to its shared memory. (Every
   // unit has a tile, so every block has waited for the arrival above.)
-  if (CLUSTER && (!WIDE || cluster > 1)) cg::this_cluster().sync();
+  if (exchange) cg::this_cluster().sync();
 }
 
 }  // namespace detail
