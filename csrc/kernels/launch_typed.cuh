@@ -65,6 +65,13 @@ inline cudaError_t resident_units(const void* kernel, int threads, int smem, int
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (e != cudaSuccess) return e;
   }
+  if (cluster > 1) {
+    // Blocks of one cluster may share an SM: more clusters are resident than when each block of a
+    // cluster takes an SM of its own (the spread policy).
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeClusterSchedulingPolicyPreference,
+                             cudaClusterSchedulingPolicyLoadBalancing);
+    if (e != cudaSuccess) return e;
+  }
   int sms = 0;
   e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (e != cudaSuccess) return e;
