@@ -178,6 +178,32 @@ MASK_LAYOUTS = [(1, 1, 1, "K"), ("B", 1, 1, "K"), ("B", 1, "Q", "K"), (1, 1, "Q"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [1000, 8192, 20000, 65536])
+def test_scale_sign_and_size(K, dtype):
+    """Rows that add no mask / bias values keep their scores unscaled and scale in the exponent when
+    the scale is > 0 (and its product with log2 e is finite); other scales multiply each score.
+    Every scale gives the oracle's result, hidden keys and masked keys included."""
+    gen = torch.Generator(device="cuda").manual_seed(K + 7)
+    B, H, Q = 2, 3, 5
+    for scale in (1.0, 0.7, 2.5, 1e-30, -0.5, 0.0, 1e38):
+        for mask in (None, "bool"):
+            scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).mul_(4).to(dtype)
+            kwargs = dict(causal=True, window=K // 2, layer_scale=scale)
+            if mask == "bool":
+                kwargs["mask"] = torch.rand(B, 1, 1, K, device="cuda", generator=gen) > 0.3
+            out = poisoned_call(scores, **kwargs)
+            if scale == 1e38:
+                # Products beyond float32 (|score| > 3.4 here): a row whose largest logit is +inf
+                # is NaN, never zeros or a silently wrong row; other rows as the oracle.
+                visible = oracle(torch.zeros_like(scores), **dict(kwargs, layer_scale=1.0)) > 0
+                top = (scores.double() * scale).masked_fill(~visible, float("-inf")).amax(-1)
+                assert (top > 3.4028234663852886e38).all(), "every row overflows"
+                assert out.isnan().all(), f"scale {scale}: rows that overflow must be NaN"
+                continue
+            check(out, (scores,), kwargs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("K", [33, 1024, 4100, 20000])
 def test_every_alibi_and_mask_layout(K, dtype):
     gen = torch.Generator(device="cuda").manual_seed(K)

@@ -53,6 +53,25 @@ struct alignas(N) Vec<uint8_t, N> {
   uint32_t w[N / 4];
 };
 
+// N values as float32. bfloat16 pairs are widened within their 32-bit word: the low element
+// shifted up, the high one masked (one instruction each, where converting element by element
+// extracted the high half first: two). Exact either way, so the bits are the same.
+template <typename T, int N>
+__device__ __forceinline__ void widen(const Vec<T, N>& v, float (&x)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) x[e] = to_float(v.v[e]);
+}
+template <int N>
+__device__ __forceinline__ void widen(const Vec<__nv_bfloat16, N>& v, float (&x)[N]) {
+  static_assert(N % 2 == 0, "whole 32-bit words");
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(v.v);
+#pragma unroll
+  for (int e = 0; e < N; e += 2) {
+    x[e] = __uint_as_float(w[e / 2] << 16);
+    x[e + 1] = __uint_as_float(w[e / 2] & 0xffff0000u);
+  }
+}
+
 // Elements j0 .. j0 + N - 1 of a row read one by one (stride `step`); j >= K reads as 0.
 template <typename T, int N, typename Pos>
 __device__ __forceinline__ void load_strided(const T* row, int64_t step, Pos j0, Pos K, float (&dst)[N]) {
@@ -186,8 +205,15 @@ struct Row : RowSpan<Pos> {
 // how the inputs were read. The scale and the first additive operand tensor (the bias, else an
 // additive mask) are one fused multiply-add, s * scale + b rounded once: exactly s + b when
 // scale is 1. `m`: the additive mask value, or for a bool mask 1.0 (attend) / 0.0.
-template <MaskKind MK, BiasKind BK, typename Pos>
+//
+// RAW (rows that read no mask / bias values to add, MK none or bool and no bias: raw_logits) leaves
+// the score unscaled; the kernel applies the scale where it takes the exponent (staged kernel).
+template <MaskKind MK, BiasKind BK>
+constexpr bool raw_logits = (MK == MaskKind::kNone || MK == MaskKind::kBool) && BK == BiasKind::kNone;
+
+template <MaskKind MK, BiasKind BK, typename Pos, bool RAW = false>
 __device__ __forceinline__ float form_value(float s, float scale, float b, float m, float slope, Pos p, Pos j) {
+  static_assert(!RAW || raw_logits<MK, BK>, "raw logits only without added operands");
   constexpr bool kAddMask = MK != MaskKind::kNone && MK != MaskKind::kBool;
   constexpr bool kFuseMask = kAddMask && BK == BiasKind::kNone;  // no bias: the mask goes in the fma
   float v;
@@ -199,7 +225,7 @@ __device__ __forceinline__ float form_value(float s, float scale, float b, float
   } else if constexpr (kFuseMask) {
     v = __fmaf_rn(s, scale, m);
   } else {
-    v = __fmul_rn(s, scale);
+    v = RAW ? s : __fmul_rn(s, scale);
   }
   if constexpr (MK == MaskKind::kBool) {
     v = m != 0.0f ? v : neg_inf();
@@ -220,7 +246,7 @@ __device__ __forceinline__ void hide_outside(float (&x)[V], Pos j0, Pos lo, Pos 
 }
 
 // x for the V keys of chunk j0 read element by element with strides (hidden keys -inf).
-template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
+template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos, bool RAW = false>
 __device__ __forceinline__ void chunk_logits_strided(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
                                                      float (&x)[V]) {
   using R = Row<T, MK, BK, Pos>;
@@ -235,8 +261,8 @@ __device__ __forceinline__ void chunk_logits_strided(const SoftmaxParams& P, con
   }
 #pragma unroll
   for (int e = 0; e < V; ++e)
-    x[e] = form_value<MK, BK, Pos>(s[e], P.layer_scale, R::kBias ? b[e] : 0.0f, R::kMask ? m[e] : 0.0f, r.slope,
-                                   r.p, j0 + e);
+    x[e] = form_value<MK, BK, Pos, RAW>(s[e], P.layer_scale, R::kBias ? b[e] : 0.0f, R::kMask ? m[e] : 0.0f,
+                                        r.slope, r.p, j0 + e);
   hide_outside<V, Pos>(x, j0, r.lo, r.hi);
 }
 
@@ -250,22 +276,25 @@ __device__ __forceinline__ bool mask_byte_set(const Vec<uint8_t, V>& m, int e) {
 
 // x for the V keys of chunk j0 from the scores `sv` and the chunk's operand values `m` / `b`
 // (already read: the mask and bias elements of keys j0 .. j0 + V - 1).
-template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
+template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos, bool RAW = false>
 __device__ __forceinline__ void chunk_logits_vals(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
                                                   const float (&sv)[V],
                                                   const Vec<typename Row<T, MK, BK, Pos>::MaskT, V>& m,
                                                   const Vec<typename Row<T, MK, BK, Pos>::BiasT, V>& b, float (&x)[V]) {
   using R = Row<T, MK, BK, Pos>;
+  float bf[V], mf[V];
+  if constexpr (R::kBias) widen(b, bf);
+  if constexpr (R::kMask && MK != MaskKind::kBool) widen(m, mf);
 #pragma unroll
   for (int e = 0; e < V; ++e) {
-    const float bb = R::kBias ? to_float(b.v[e]) : 0.0f;
+    const float bb = R::kBias ? bf[e] : 0.0f;
     float mm = 0.0f;
     if constexpr (MK == MaskKind::kBool) {
       mm = mask_byte_set<V>(m, e) ? 1.0f : 0.0f;
     } else if constexpr (R::kMask) {
-      mm = to_float(m.v[e]);
+      mm = mf[e];
     }
-    x[e] = form_value<MK, BK, Pos>(sv[e], P.layer_scale, bb, mm, r.slope, r.p, j0 + e);
+    x[e] = form_value<MK, BK, Pos, RAW>(sv[e], P.layer_scale, bb, mm, r.slope, r.p, j0 + e);
   }
   hide_outside<V, Pos>(x, j0, r.lo, r.hi);
 }
@@ -278,7 +307,7 @@ __device__ __forceinline__ Vec<OT, V> read_vec(const OT* p) {
 
 // The same with the chunk's operands read here as one vector each from `mc` / `bc` (global or
 // shared memory).
-template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos>
+template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos, bool RAW = false>
 __device__ __forceinline__ void chunk_logits_from(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
                                                   const float (&sv)[V], const typename Row<T, MK, BK, Pos>::MaskT* mc,
                                                   const typename Row<T, MK, BK, Pos>::BiasT* bc, float (&x)[V]) {
@@ -287,7 +316,7 @@ __device__ __forceinline__ void chunk_logits_from(const SoftmaxParams& P, const 
   Vec<typename R::BiasT, V> b;
   if constexpr (R::kMask) m = read_vec<V>(mc);
   if constexpr (R::kBias) b = read_vec<V>(bc);
-  chunk_logits_vals<T, MK, BK, V, Pos>(P, r, j0, sv, m, b, x);
+  chunk_logits_vals<T, MK, BK, V, Pos, RAW>(P, r, j0, sv, m, b, x);
 }
 
 // x for the V keys of chunk j0 from the scores `sv` already read and 16-byte (bool: V-byte)
@@ -331,8 +360,7 @@ __device__ __forceinline__ void unpack_chunk(uint4 u, float (&x)[16 / sizeof(T)]
     Vec<T, 16 / sizeof(T)> v;
   } o;
   o.u = u;
-#pragma unroll
-  for (int e = 0; e < 16 / static_cast<int>(sizeof(T)); ++e) x[e] = to_float(o.v.v[e]);
+  widen(o.v, x);
 }
 
 // ---- the online max / sum and its reductions in a fixed order -----------------------------
@@ -447,11 +475,16 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       : "memory");
 }
 
-// The cluster barrier in two halves: arrive (releasing this thread's writes, the barrier inits
-// among them), and later wait for every thread of the cluster to have arrived (acquiring theirs).
-// Every thread of the cluster arrives once, then waits, each in warp-uniform control flow.
+// The cluster barrier in two halves: arrive, and later wait for every thread of the cluster to
+// have arrived (acquiring what they released). Every thread of the cluster arrives once, then
+// waits, each in warp-uniform control flow. The relaxed arrive releases nothing itself: the
+// mbarrier inits are released by fence.mbarrier_init before it (mbar_fence_init), without the
+// GPU-wide memory barrier (MEMBAR.ALL.GPU) that ptxas puts before a releasing arrive.
 __device__ __forceinline__ void cluster_arrive() {
   asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 }
 __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
@@ -518,10 +551,9 @@ struct ClusterExchange {
   }
 
   // `st`: this block's partial, the same in every thread; `k`: the row's ordinal in this block.
-  __device__ __forceinline__ MS combine(MS st, int cluster, int k) {
+  __device__ __forceinline__ MS combine(MS st, int cluster, int rank, int k) {
     const int par = k & 1;
     const uint32_t b = smem_u32(&bar[par]);
-    const int rank = static_cast<int>(cg::this_cluster().block_rank());
     const int tid = threadIdx.x;
     if (tid < cluster && tid != rank) push_partial(smem_u32(&part[par][rank]), b, tid, st.m, st.s);
     if (tid == 0) mbar_arrive_expect_tx(b, static_cast<uint32_t>(cluster - 1) * 8u);

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
+#include <type_traits>
 
 #include "softmax.h"
 #include "staged_kernel.cuh"
@@ -107,6 +108,12 @@ cudaError_t launch_clustered(void (*kernel)(Args...), int64_t blocks, int thread
   return cudaLaunchKernelEx(&lc, kernel, args...);
 }
 
+// Rows without added operands keep raw logits (the staged kernel's RAW) for a scale > 0 whose
+// product with log2(e) is finite; others scale each score.
+inline bool raw_scale(float scale) {
+  return scale > 0.0f && scale * kLog2e <= 3.4028234663852886e38f;
+}
+
 template <typename T>
 cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool aligned, cudaStream_t stream) {
   const int64_t rows = p.B * p.H * p.Q;
@@ -133,12 +140,19 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
       if (cfg.chunks != C) return cudaErrorInvalidValue;
       const bool wide = cfg.block_threads == kWideThreads;  // alone or in a cluster
       const bool clustered = cluster_kernel(cfg);
-      auto kernel = aligned ? (wide        ? staged_softmax_kernel<T, MK, BK, C, true, true, true>
-                               : clustered ? staged_softmax_kernel<T, MK, BK, C, true, true>
-                                           : staged_softmax_kernel<T, MK, BK, C, true, false>)
-                            : (wide        ? staged_softmax_kernel<T, MK, BK, C, false, true, true>
-                               : clustered ? staged_softmax_kernel<T, MK, BK, C, false, true>
-                                           : staged_softmax_kernel<T, MK, BK, C, false, false>);
+      auto pick = [&](auto raw) {
+        constexpr bool RAW = decltype(raw)::value;
+        return aligned ? (wide        ? staged_softmax_kernel<T, MK, BK, C, true, true, true, RAW>
+                          : clustered ? staged_softmax_kernel<T, MK, BK, C, true, true, false, RAW>
+                                      : staged_softmax_kernel<T, MK, BK, C, true, false, false, RAW>)
+                       : (wide        ? staged_softmax_kernel<T, MK, BK, C, false, true, true, RAW>
+                          : clustered ? staged_softmax_kernel<T, MK, BK, C, false, true, false, RAW>
+                                      : staged_softmax_kernel<T, MK, BK, C, false, false, false, RAW>);
+      };
+      auto kernel = pick(std::false_type{});
+      if constexpr (raw_logits<MK, BK>) {
+        if (raw_scale(p.layer_scale)) kernel = pick(std::true_type{});
+      }
       const StageLayout L = !aligned ? StageLayout{0, 0, kOpGlobal, kOpGlobal, 0, 0, 0, 0}
                             : wide   ? staged_layout<T, MK, BK, C, true>(p, cfg.row_threads, cfg.cluster)
                                      : staged_layout<T, MK, BK, C, false>(p, cfg.row_threads, cfg.cluster);

@@ -352,13 +352,58 @@ __device__ __forceinline__ void produce_tiles(const SoftmaxParams& P, const Tile
   }
 }
 
+// Diagnostics (scripts/timeline_probe.cu defines TP_SOFTMAX_TIMELINE): thread 0 of each block
+// notes the global timer at fixed points of its work in shared memory and writes them to
+// `timeline` when it leaves (kTimelineSlots a block: the SM, entry, set-up done, first tile's
+// copies issued, all first copies issued, for each of the first kTimelineTiles tiles the end of
+// its wait / exchange / writes, and the exit). Without the macro the hooks are empty and the
+// kernels are the same code.
+constexpr int kTimelineTiles = 16;
+enum TimelineSlot : int {
+  kTlSm = 0, kTlEntry, kTlSetup, kTlIssued0, kTlIssued, kTlTile, kTlDone = kTlTile + 3 * kTimelineTiles,
+  kTimelineSlots
+};
+#ifdef TP_SOFTMAX_TIMELINE
+__device__ unsigned long long* timeline;
+__device__ __forceinline__ unsigned long long* timeline_buf() {
+  __shared__ unsigned long long buf[kTimelineSlots];
+  return buf;
+}
+__device__ __forceinline__ void timeline_mark(int slot) {
+  if (threadIdx.x == 0) {
+    unsigned long long v;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
+    if (slot == kTlEntry)
+      for (int i = 0; i < kTimelineSlots; ++i) timeline_buf()[i] = 0;
+    timeline_buf()[slot] = v;
+    if (slot == kTlDone && timeline != nullptr) {
+      unsigned sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      timeline_buf()[kTlSm] = sm;
+      for (int i = 0; i < kTimelineSlots; ++i)
+        timeline[static_cast<size_t>(blockIdx.x) * kTimelineSlots + i] = timeline_buf()[i];
+    }
+  }
+}
+#else
+__device__ __forceinline__ void timeline_mark(int) {}
+#endif
+__device__ __forceinline__ void timeline_tile(int k, int what) {  // what: 0 wait, 1 exchange, 2 writes
+  if (k < kTimelineTiles) timeline_mark(kTlTile + 3 * k + what);
+}
+
 // ---- the kernel ----------------------------------------------------------------------------------
 // Grid: units of `cluster` blocks; unit u takes tiles u, u + units, ... (`ntiles` in all).
 // CLUSTER: rows longer than one slice, shared by a cluster of `cluster` (2 to 16) blocks; else
 // `cluster` is 1 (a template parameter so that rows of one block carry none of the exchange).
 // WIDE (with CLUSTER): blocks of kWideThreads threads, one an SM, a row's slice of twice the
 // length each, alone (`cluster` 1: no exchange) or in a cluster of 16 (choose_row_config).
-template <typename T, MaskKind MK, BiasKind BK, int C, bool ALIGNED, bool CLUSTER, bool WIDE = false>
+// RAW (rows without added operands, a scale > 0 whose product with log2(e) is finite: raw_scale):
+// the logits are kept unscaled and the scale goes into the exponent's multiply-add,
+// exp2(x * (scale * log2 e) - max * log2 e), with max = the largest raw score times the scale
+// (exactly the largest product: rounding keeps the order). One multiplication a key fewer; with a
+// scale of 1 the same bits.
+template <typename T, MaskKind MK, BiasKind BK, int C, bool ALIGNED, bool CLUSTER, bool WIDE = false, bool RAW = false>
 __global__ void __launch_bounds__(kBlockThreads<C, ALIGNED, CLUSTER, WIDE>, WIDE ? 1 : 2)
 staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t ntiles, const StageLayout L) {
   constexpr bool WS = kWarpSpecialised<C, ALIGNED, CLUSTER>;
@@ -371,6 +416,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // and 32 where mask / bias chunks need registers too), so a stage is released as soon as it is
   // read.
   static_assert(C == 8 || C == 4, "chunks per thread");
+  static_assert(!RAW || raw_logits<MK, BK>, "raw logits only without added operands");
   // Who issues a tile's copies: the producer warp; in cluster rows every warp its share of the
   // block's pieces, after its own writes of the tile before (each warp's lane 0 arrives); else
   // warp 0. (Every warp issuing its run of the tile's rows lost 0.013 on gpt and 0.02 to 0.04 on
@@ -405,6 +451,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   uint8_t* const row_table = kTable ? stage_mem + L.stages * L.stage_bytes : nullptr;
   const int64_t nunits = gridDim.x / cluster;
 
+  timeline_mark(kTlEntry);
   if (tid == 0) {
     if constexpr (ALIGNED) {
       for (int s = 0; s < L.stages; ++s) mbar_init(smem_u32(&sh.full[s]), kIssueParts);
@@ -417,7 +464,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // Here a block of a cluster only arrives at the cluster barrier; it waits there before its first
   // exchange, so that its first copies are issued in between.
   if (CLUSTER || ALIGNED) __syncthreads();
-  if (exchange) cluster_arrive();
+  timeline_mark(kTlSetup);
+  if (exchange) cluster_arrive_relaxed();  // (the inits are released by mbar_fence_init)
   if constexpr (WS) {
     if (tid >= kStagedThreads) {  // the producer warp
       produce_tiles<T, MK, BK>(P, ts_shared, L, ntiles, rows, sh, stage_mem, row_table);
@@ -432,10 +480,12 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
           issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes,
                                                      smem_u32(&sh.full[s]), row_table + s * L.table_bytes,
                                                      kIssueParts > 1 ? warp : 0);
+        if (s == 0) timeline_mark(kTlIssued0);
       }
     }
     if (kTable) __syncthreads();  // the row tables of the first tiles are written
   }
+  timeline_mark(kTlIssued);
 
   int k = 0;           // tiles done by this block
   int s = 0;           // their stage
@@ -501,6 +551,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     }
 
     if constexpr (ALIGNED) mbar_wait(smem_u32(&sh.full[s]), phase);
+    timeline_tile(k, 0);
 
     // Logits, kept in registers; then the thread's partial: its max over all its chunks, then
     // e = exp(x - max) in place and their sum. Max and sum run in 4 independent accumulators
@@ -536,14 +587,14 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       if constexpr (kHoist) {
         float sv[V];
         unpack_chunk<T>(raw[c & 1], sv);
-        chunk_logits_vals<T, MK, BK, V, int>(P, r, j0, sv, mraw[c & 1], braw[c & 1], kept[c]);
+        chunk_logits_vals<T, MK, BK, V, int, RAW>(P, r, j0, sv, mraw[c & 1], braw[c & 1], kept[c]);
       } else if constexpr (ALIGNED) {
         float sv[V];
         unpack_chunk<T>(lds128(my_slot + static_cast<size_t>(c * t_rt + t_lane) * 16), sv);
-        chunk_logits_from<T, MK, BK, V, int>(P, r, j0, sv, mask_src + (c * mask_step + mask_ofs) * V,
-                                             bias_src + (c * bias_step + bias_ofs) * V, kept[c]);
+        chunk_logits_from<T, MK, BK, V, int, RAW>(P, r, j0, sv, mask_src + (c * mask_step + mask_ofs) * V,
+                                                  bias_src + (c * bias_step + bias_ofs) * V, kept[c]);
       } else {
-        chunk_logits_strided<T, MK, BK, V, int>(P, r, j0, kept[c]);
+        chunk_logits_strided<T, MK, BK, V, int, RAW>(P, r, j0, kept[c]);
       }
 #pragma unroll
       for (int e = 0; e < V; ++e) acc[e % A] = fmaxf(acc[e % A], kept[c][e]);
@@ -551,8 +602,10 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     // This warp is done with the stage and its table: the producer may refill them (if it will).
     if (WS && t + L.stages * nunits < ntiles) bar_arrive(kFreeBar + s, kWsThreads);
     MS st{fmaxf(fmaxf(acc[0], acc[1]), fmaxf(acc[2], acc[3])), 0.0f};
+    if constexpr (RAW) st.m = __fmul_rn(st.m, P.layer_scale);  // the largest logit
     {
       const float shift = ms_shift(st.m) * kLog2e;
+      const float to_log2 = RAW ? __fmul_rn(P.layer_scale, kLog2e) : kLog2e;  // log2 e a raw score
 #pragma unroll
       for (int a = 0; a < A; ++a) acc[a] = 0.0f;
 #pragma unroll
@@ -560,11 +613,14 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         if (!vis[c]) continue;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          kept[c][e] = fast_exp2(fmaf(kept[c][e], kLog2e, -shift));
+          kept[c][e] = fast_exp2(fmaf(kept[c][e], to_log2, -shift));
           acc[e % A] += kept[c][e];
         }
       }
       st.s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+      // A largest logit of +inf (the scale's product overflows) makes the row NaN, as the exponent
+      // of a scaled +inf logit does without RAW.
+      if (RAW && st.m == -neg_inf()) st.s = __int_as_float(0x7fc00000);
     }
     const float local_max = st.m;
 
@@ -594,8 +650,9 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     }
     if (exchange) {
       if (k == 0) cluster_wait();  // every block of the cluster has set up its barriers
-      st = sh.xc.combine(st, cluster, k);
+      st = sh.xc.combine(st, cluster, ts.rank, k);
     }
+    timeline_tile(k, 1);
 
     // Write: every chunk of the slice, zeros where hidden.
     const Normaliser norm(st);
@@ -636,6 +693,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         store_strided<T, V, int>(r.out, P.out_stride[3], ch * V, static_cast<int>(P.K), y);
       }
     }
+    timeline_tile(k, 2);
     if constexpr (ALIGNED) {
       // Every thread was done with stage s at the barrier above: refill it. (Here, not right after
       // the barrier, where the copy warp's work would add to the registers that hold the logits.)
@@ -651,8 +709,14 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     }
   }
   // No block of a cluster may exit while another can still write to its shared memory. (Every
-  // unit has a tile, so every block has waited for the arrival above.)
-  if (exchange) cg::this_cluster().sync();
+  // unit has a tile, so every block has waited for the arrival above.) Every partial a block is
+  // sent has landed (it waited for them on its exchange barrier), so the arrival releases nothing:
+  // relaxed, without a GPU-wide memory barrier that would wait for the block's last stores.
+  if (exchange) {
+    cluster_arrive_relaxed();
+    cluster_wait();
+  }
+  timeline_mark(kTlDone);
 }
 
 }  // namespace detail

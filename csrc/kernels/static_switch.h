@@ -14,6 +14,23 @@
     return __VA_ARGS__();                       \
   }
 
+#ifdef TP_SOFTMAX_PLAIN_ROWS_ONLY
+// Rows without mask or bias only (scripts/timeline_probe.cu: a build of a few kernels).
+#define MASK_KIND_SWITCH(VALUE, NAME, ...)                                  \
+  [&] {                                                                     \
+    switch (VALUE) {                                                        \
+      TP_SOFTMAX_CASE(::tp_softmax::MaskKind::kNone, NAME, __VA_ARGS__)     \
+      default: return cudaErrorInvalidValue;                                \
+    }                                                                       \
+  }()
+#define BIAS_KIND_SWITCH(VALUE, NAME, ...)                                  \
+  [&] {                                                                     \
+    switch (VALUE) {                                                        \
+      TP_SOFTMAX_CASE(::tp_softmax::BiasKind::kNone, NAME, __VA_ARGS__)     \
+      default: return cudaErrorInvalidValue;                                \
+    }                                                                       \
+  }()
+#else
 #define MASK_KIND_SWITCH(VALUE, NAME, ...)                                  \
   [&] {                                                                     \
     switch (VALUE) {                                                        \
@@ -35,3 +52,4 @@
       default: return cudaErrorInvalidValue;                                \
     }                                                                       \
   }()
+#endif

@@ -39,7 +39,7 @@ __device__ __forceinline__ MS block_cluster_reduce_ms(MS v, int cluster, StreamS
   }
   __syncthreads();
   v = combine_warps(sh.warp_max[parity], sh.warp_sum[parity], 0, blockDim.x >> 5);
-  if (cluster > 1) v = sh.xc.combine(v, cluster, k);
+  if (cluster > 1) v = sh.xc.combine(v, cluster, static_cast<int>(cg::this_cluster().block_rank()), k);
   return v;
 }
 
