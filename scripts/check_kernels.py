@@ -2,7 +2,8 @@
 
     python scripts/check_kernels.py [--arch sm_90] [--jobs 2]
 
-Fails when a file does not compile, or when a hot variant spills registers or uses a stack
+Fails when a file does not compile (scripts/timeline_probe.cu included, with the kernels' timeline
+hooks on), or when a hot variant spills registers or uses a stack
 frame beyond 8 bytes. Hot variants: the one-read (staged) kernel with 16-byte aligned rows, which
 every contiguous tensor with K a multiple of the vector width takes, with and without a cluster,
 and the long-row kernel's staged variants (its last template flag; rows of more than 16 x 32 KiB).
@@ -30,8 +31,14 @@ NAME = re.compile(r"(staged|streaming)_softmax_kernelI(\w+?)LNS_8MaskKindE(\d)EL
                   r"(?:Lb(\d)E)?(?:Lb(\d)E)?")  # kind, dtype, mask, bias, chunks, aligned, cluster / staged
 
 
-def compile_one(src: Path, arch: str, out_dir: Path):
-    cmd = ["nvcc", "-std=c++17", f"-arch={arch}", "-O3", "-Xptxas", "-v", "-c", str(src),
+# The timeline probe (scripts/timeline_probe.cu) builds the kernels with their timeline hooks on;
+# compiled here too (its resource report is not checked) so that the hooks keep compiling.
+PROBE = ROOT / "scripts" / "timeline_probe.cu"
+PROBE_FLAGS = ("-DTP_SOFTMAX_TIMELINE", "-DTP_SOFTMAX_PLAIN_ROWS_ONLY", f"-I{KERNELS}")
+
+
+def compile_one(src: Path, arch: str, out_dir: Path, extra=()):
+    cmd = ["nvcc", "-std=c++17", f"-arch={arch}", "-O3", "-Xptxas", "-v", *extra, "-c", str(src),
            "-o", str(out_dir / (src.stem + ".o"))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return src.name, proc.returncode, proc.stdout + proc.stderr
@@ -47,6 +54,7 @@ def main() -> int:
         return 2
     failures, rows = [], []
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        probe = pool.submit(compile_one, PROBE, args.arch, Path(tmp), PROBE_FLAGS)
         results = pool.map(lambda s: compile_one(s, args.arch, Path(tmp)), sorted(KERNELS.glob("*.cu")))
         for name, rc, log in results:
             if rc != 0:
@@ -68,6 +76,11 @@ def main() -> int:
                 rows.append((name, dtype, mask, bias, chunks, aligned, int(regs), int(stack), int(spill_st), hot))
                 if hot and bad:
                     failures.append(f"{name}: hot variant {fn} spills ({stack} B stack, {spill_st} B spill stores)")
+        name, rc, log = probe.result()
+        if rc != 0:
+            failures.append(f"{name} (timeline hooks on): nvcc exit {rc}\n{log[-3000:]}")
+        else:
+            print(f"check_kernels: {name} compiles with the timeline hooks on")
     n_hot = sum(r[-1] for r in rows)
     n_spill = sum(1 for r in rows if r[7] or r[8])
     print(f"check_kernels: {len(rows)} kernel variants compiled for {args.arch}, {n_hot} hot; "

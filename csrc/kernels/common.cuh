@@ -476,13 +476,10 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 }
 
 // The cluster barrier in two halves: arrive, and later wait for every thread of the cluster to
-// have arrived (acquiring what they released). Every thread of the cluster arrives once, then
-// waits, each in warp-uniform control flow. The relaxed arrive releases nothing itself: the
-// mbarrier inits are released by fence.mbarrier_init before it (mbar_fence_init), without the
-// GPU-wide memory barrier (MEMBAR.ALL.GPU) that ptxas puts before a releasing arrive.
-__device__ __forceinline__ void cluster_arrive() {
-  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-}
+// have arrived. Every thread of the cluster arrives once, then waits, each in warp-uniform control
+// flow. The arrive is relaxed: it releases nothing itself. The mbarrier inits are released by
+// fence.mbarrier_init before it (mbar_fence_init), without the GPU-wide memory barrier
+// (MEMBAR.ALL.GPU) that ptxas puts before a releasing arrive.
 __device__ __forceinline__ void cluster_arrive_relaxed() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 }
@@ -550,7 +547,8 @@ struct ClusterExchange {
     for (int p = 0; p < 2; ++p) mbar_init(smem_u32(&bar[p]), 1);
   }
 
-  // `st`: this block's partial, the same in every thread; `k`: the row's ordinal in this block.
+  // `st`: this block's partial, the same in every thread; `rank`: the block's rank in the cluster;
+  // `k`: the row's ordinal in this block.
   __device__ __forceinline__ MS combine(MS st, int cluster, int rank, int k) {
     const int par = k & 1;
     const uint32_t b = smem_u32(&bar[par]);
