@@ -403,6 +403,33 @@ __device__ __forceinline__ MS lane_reduce_ms(MS v, int width) {
   return v;
 }
 
+// The maximum and the sum over the `width` lanes of a row (a power of two up to 32; a row's lanes
+// are an aligned group of the warp). The butterfly is unrolled and entered at the step that
+// `width` needs: one branch, then a shuffle and an operation a step. Every lane ends with the same
+// value: fmaxf and + are commutative. (fmaxf ignores NaN; the sum does not.)
+__device__ __forceinline__ float lane_max(float v, int width) {
+  switch (width) {
+    case 32: v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16)); [[fallthrough]];
+    case 16: v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8)); [[fallthrough]];
+    case 8: v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4)); [[fallthrough]];
+    case 4: v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2)); [[fallthrough]];
+    case 2: v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1)); [[fallthrough]];
+    default: break;
+  }
+  return v;
+}
+__device__ __forceinline__ float lane_sum(float v, int width) {
+  switch (width) {
+    case 32: v += __shfl_xor_sync(0xffffffffu, v, 16); [[fallthrough]];
+    case 16: v += __shfl_xor_sync(0xffffffffu, v, 8); [[fallthrough]];
+    case 8: v += __shfl_xor_sync(0xffffffffu, v, 4); [[fallthrough]];
+    case 4: v += __shfl_xor_sync(0xffffffffu, v, 2); [[fallthrough]];
+    case 2: v += __shfl_xor_sync(0xffffffffu, v, 1); [[fallthrough]];
+    default: break;
+  }
+  return v;
+}
+
 // The partials of warps w0 .. w0 + n - 1 (written to shared memory before a barrier), combined
 // in warp order.
 __device__ __forceinline__ MS combine_warps(const float* warp_max, const float* warp_sum, int w0, int n) {

@@ -16,10 +16,10 @@
 // 16-byte stores; hidden chunks (causal, window) are never read and are written as zeros.
 //
 // The reduction order is fixed by (chunk slot, element, lane butterfly, warp order, cluster rank
-// order; in a cluster, warps and ranks take their maximum first), which depends only on rt and the
-// cluster size, so only on K and the dtype. Rows that cannot be read with 16-byte vectors
-// (unaligned, strided) take the same kernel with ALIGNED = false: each thread reads its own chunks
-// element by element, and the logits, hence the bits, are the same.
+// order; the lanes of a warp take their maximum first, and in a cluster the warps and ranks too),
+// which depends only on rt and the cluster size, so only on K and the dtype. Rows that cannot be
+// read with 16-byte vectors (unaligned, strided) take the same kernel with ALIGNED = false: each
+// thread reads its own chunks element by element, and the logits, hence the bits, are the same.
 #pragma once
 
 #include <cstdlib>
@@ -603,6 +603,11 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     if (WS && t + L.stages * nunits < ntiles) bar_arrive(kFreeBar + s, kWsThreads);
     MS st{fmaxf(fmaxf(acc[0], acc[1]), fmaxf(acc[2], acc[3])), 0.0f};
     if constexpr (RAW) st.m = __fmul_rn(st.m, P.layer_scale);  // the largest logit
+    // The lanes of the row in this warp take their maximum first, and every lane's exponents are
+    // taken relative to it: their sums then add without rescaling. (Merging the lanes' (max, sum)
+    // pairs took two exponentials and about 20 instructions a butterfly step.)
+    const int width = rt < 32 ? rt : 32;
+    st.m = lane_max(st.m, width);
     {
       const float shift = ms_shift(st.m) * kLog2e;
       const float to_log2 = RAW ? __fmul_rn(P.layer_scale, kLog2e) : kLog2e;  // log2 e a raw score
@@ -617,15 +622,14 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
           acc[e % A] += kept[c][e];
         }
       }
-      st.s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+      st.s = lane_sum((acc[0] + acc[1]) + (acc[2] + acc[3]), width);
       // A largest logit of +inf (the scale's product overflows) makes the row NaN, as the exponent
       // of a scaled +inf logit does without RAW.
       if (RAW && st.m == -neg_inf()) st.s = __int_as_float(0x7fc00000);
     }
-    const float local_max = st.m;
+    const float local_max = st.m;  // this warp's part of the row
 
-    // Reduce: lanes, then the warps of the row (rt > 32), then the blocks of the cluster.
-    st = lane_reduce_ms(st, rt < 32 ? rt : 32);
+    // Reduce: the warps of the row (rt > 32), then the blocks of the cluster.
     const bool block_rows = rt > 32;
     const int par = k & 1;
     if (block_rows && (tid & 31) == 0) {
