@@ -427,6 +427,11 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // Blocks that exchange partials and meet at cluster barriers: a wide block alone has none.
   const bool exchange = CLUSTER && (!WIDE || cluster_arg > 1);
   constexpr int kIssueParts = !WS && CLUSTER ? NT / 32 : 1;
+  // Stages a block fills before its first tile: all of them; in cluster rows only the first, the
+  // others once that tile has arrived. Every block asking for all its stages at once spread the
+  // arrival of the first tiles over 5 to 12 us (a block's cluster waits for its last one); asked
+  // for first, they arrive together, and the other stages' copies follow while they are worked on.
+  constexpr int kStartStages = CLUSTER ? 1 : kMaxStages;
 
   extern __shared__ __align__(128) uint8_t stage_mem[];
   __shared__ StagedScratch sh;
@@ -474,13 +479,30 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     if (unit < ntiles) bar_sync(kTableBar, kWsThreads);  // the first tile's table
   } else if constexpr (ALIGNED) {
     if (kIssueParts > 1 || warp == 0) {
-      for (int s = 0; s < L.stages; ++s) {
-        const int64_t t = unit + s * nunits;
-        if (t < ntiles)
-          issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes,
-                                                     smem_u32(&sh.full[s]), row_table + s * L.table_bytes,
-                                                     kIssueParts > 1 ? warp : 0);
-        if (s == 0) timeline_mark(kTlIssued0);
+      if constexpr (kStartStages < kMaxStages) {
+        auto issue_stage = [&](int s) {
+          const int64_t t = unit + s * nunits;
+          if (t < ntiles)
+            issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes,
+                                                       smem_u32(&sh.full[s]), row_table + s * L.table_bytes,
+                                                       kIssueParts > 1 ? warp : 0);
+        };
+        const int first = kStartStages < L.stages ? kStartStages : L.stages;
+        for (int s = 0; s < first; ++s) issue_stage(s);
+        timeline_mark(kTlIssued0);
+        if (first < L.stages && unit < ntiles) {
+          mbar_wait(smem_u32(&sh.full[0]), 0);  // the first tile is here (the loop's wait passes)
+          for (int s = first; s < L.stages; ++s) issue_stage(s);
+        }
+      } else {
+        for (int s = 0; s < L.stages; ++s) {
+          const int64_t t = unit + s * nunits;
+          if (t < ntiles)
+            issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t, rows, stage_mem + s * L.stage_bytes,
+                                                       smem_u32(&sh.full[s]), row_table + s * L.table_bytes,
+                                                       kIssueParts > 1 ? warp : 0);
+          if (s == 0) timeline_mark(kTlIssued0);
+        }
       }
     }
     if (kTable) __syncthreads();  // the row tables of the first tiles are written
