@@ -575,9 +575,10 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     if constexpr (ALIGNED) mbar_wait(smem_u32(&sh.full[s]), phase);
     timeline_tile(k, 0);
 
-    // Logits, kept in registers; then the thread's partial: its max over all its chunks, then
-    // e = exp(x - max) in place and their sum. Max and sum run in 4 independent accumulators
-    // (element e goes to e % 4), combined in a fixed order: short dependency chains.
+    // Logits, kept in registers; then the partial of the row's lanes in this warp: the max over
+    // their chunks (each thread's, then lane_max), e = exp(x - max) in place, and their sum. A
+    // thread's max and sum run in 4 independent accumulators (element e goes to e % 4), combined
+    // in a fixed order: short dependency chains.
     constexpr int A = 4;
     float kept[C][V];
     float acc[A];
