@@ -407,27 +407,23 @@ __device__ __forceinline__ MS lane_reduce_ms(MS v, int width) {
 // are an aligned group of the warp). The butterfly is unrolled and entered at the step that
 // `width` needs: one branch, then a shuffle and an operation a step. Every lane ends with the same
 // value: fmaxf and + are commutative. (fmaxf ignores NaN; the sum does not.)
-__device__ __forceinline__ float lane_max(float v, int width) {
+template <typename Op>
+__device__ __forceinline__ float lane_butterfly(float v, int width, Op op) {
   switch (width) {
-    case 32: v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16)); [[fallthrough]];
-    case 16: v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8)); [[fallthrough]];
-    case 8: v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4)); [[fallthrough]];
-    case 4: v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2)); [[fallthrough]];
-    case 2: v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1)); [[fallthrough]];
+    case 32: v = op(v, __shfl_xor_sync(0xffffffffu, v, 16)); [[fallthrough]];
+    case 16: v = op(v, __shfl_xor_sync(0xffffffffu, v, 8)); [[fallthrough]];
+    case 8: v = op(v, __shfl_xor_sync(0xffffffffu, v, 4)); [[fallthrough]];
+    case 4: v = op(v, __shfl_xor_sync(0xffffffffu, v, 2)); [[fallthrough]];
+    case 2: v = op(v, __shfl_xor_sync(0xffffffffu, v, 1)); [[fallthrough]];
     default: break;
   }
   return v;
 }
+__device__ __forceinline__ float lane_max(float v, int width) {
+  return lane_butterfly(v, width, [](float a, float b) { return fmaxf(a, b); });
+}
 __device__ __forceinline__ float lane_sum(float v, int width) {
-  switch (width) {
-    case 32: v += __shfl_xor_sync(0xffffffffu, v, 16); [[fallthrough]];
-    case 16: v += __shfl_xor_sync(0xffffffffu, v, 8); [[fallthrough]];
-    case 8: v += __shfl_xor_sync(0xffffffffu, v, 4); [[fallthrough]];
-    case 4: v += __shfl_xor_sync(0xffffffffu, v, 2); [[fallthrough]];
-    case 2: v += __shfl_xor_sync(0xffffffffu, v, 1); [[fallthrough]];
-    default: break;
-  }
-  return v;
+  return lane_butterfly(v, width, [](float a, float b) { return a + b; });
 }
 
 // The partials of warps w0 .. w0 + n - 1 (written to shared memory before a barrier), combined

@@ -22,24 +22,19 @@
 #define TP_SOFTMAX_OPERAND_CASE(ENUM_VALUE, NAME, ...) TP_SOFTMAX_CASE(ENUM_VALUE, NAME, __VA_ARGS__)
 #endif
 
-#define MASK_KIND_SWITCH(VALUE, NAME, ...)                                          \
-  [&] {                                                                             \
-    switch (VALUE) {                                                                \
-      TP_SOFTMAX_CASE(::tp_softmax::MaskKind::kNone, NAME, __VA_ARGS__)             \
-      TP_SOFTMAX_OPERAND_CASE(::tp_softmax::MaskKind::kBool, NAME, __VA_ARGS__)     \
-      TP_SOFTMAX_OPERAND_CASE(::tp_softmax::MaskKind::kSame, NAME, __VA_ARGS__)     \
-      TP_SOFTMAX_OPERAND_CASE(::tp_softmax::MaskKind::kFloat32, NAME, __VA_ARGS__)  \
-      default: return cudaErrorInvalidValue;                                        \
-    }                                                                               \
+// A switch over the four kinds of one enum: none, then the three that read an operand (K1 to K3).
+#define TP_SOFTMAX_KIND_SWITCH(VALUE, KIND, K1, K2, K3, NAME, ...)          \
+  [&] {                                                                     \
+    switch (VALUE) {                                                        \
+      TP_SOFTMAX_CASE(::tp_softmax::KIND::kNone, NAME, __VA_ARGS__)         \
+      TP_SOFTMAX_OPERAND_CASE(::tp_softmax::KIND::K1, NAME, __VA_ARGS__)    \
+      TP_SOFTMAX_OPERAND_CASE(::tp_softmax::KIND::K2, NAME, __VA_ARGS__)    \
+      TP_SOFTMAX_OPERAND_CASE(::tp_softmax::KIND::K3, NAME, __VA_ARGS__)    \
+      default: return cudaErrorInvalidValue;                                \
+    }                                                                       \
   }()
 
-#define BIAS_KIND_SWITCH(VALUE, NAME, ...)                                          \
-  [&] {                                                                             \
-    switch (VALUE) {                                                                \
-      TP_SOFTMAX_CASE(::tp_softmax::BiasKind::kNone, NAME, __VA_ARGS__)             \
-      TP_SOFTMAX_OPERAND_CASE(::tp_softmax::BiasKind::kSlopes, NAME, __VA_ARGS__)   \
-      TP_SOFTMAX_OPERAND_CASE(::tp_softmax::BiasKind::kSame, NAME, __VA_ARGS__)     \
-      TP_SOFTMAX_OPERAND_CASE(::tp_softmax::BiasKind::kFloat32, NAME, __VA_ARGS__)  \
-      default: return cudaErrorInvalidValue;                                        \
-    }                                                                               \
-  }()
+#define MASK_KIND_SWITCH(VALUE, NAME, ...) \
+  TP_SOFTMAX_KIND_SWITCH(VALUE, MaskKind, kBool, kSame, kFloat32, NAME, __VA_ARGS__)
+#define BIAS_KIND_SWITCH(VALUE, NAME, ...) \
+  TP_SOFTMAX_KIND_SWITCH(VALUE, BiasKind, kSlopes, kSame, kFloat32, NAME, __VA_ARGS__)
