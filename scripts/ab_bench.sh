@@ -11,7 +11,7 @@
 #   BENCH_ARGS="..."   passed to launch/bench.py (e.g. --only 'bloom*,bert*' --case ...)
 #   AB_CHECK="NAME..." also run the GPU tests and compute-sanitizer on these variants
 #
-# .ab/ is ignored by git; send it to a GPU machine with the device tool's carry (".ab"). Each
+# .ab/ is ignored by git: copy it to the GPU machine along with the working tree. Each
 # variant builds into its own folder (/tmp/ab_build_NAME); its tests, sanitizer runs and bench go
 # through scripts/gpu_check.sh with TP_SOFTMAX_PKG=.ab/NAME, so they import the variant.
 set -u
