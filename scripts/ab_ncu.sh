@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# One GPU call: scripts/ab_bench.sh on the variants given, then ncu with per-instruction counts of
-# the first variant's kernel (or NCU_VARIANT's) on the cases named in NCU_CASES.
+# One GPU call: scripts/ab_bench.sh on the variants given, then the ncu stage of
+# scripts/gpu_check.sh, with counts per SASS instruction, on the first variant's kernel (or
+# NCU_VARIANT's) for the cases named in NCU_CASES.
 #
 #   OUT=dir NCU_CASES="bloom gpt" AB_CHECK=... BENCH_ARGS=... scripts/ab_ncu.sh NAME...
 #
 #   AB_TIMEOUT   seconds for the A/B part (default 330)
-#   NCU_CASES    any of: bloom gpt decode-b8-k64k (none: the A/B only)
+#   NCU_CASES    cases of gpu_check.sh's ncu stage (bloom gpt decode-b8-k64k ...); none: the A/B only
 #
 # Into OUT: ab.txt (the A/B's output and table), test_NAME.txt (the tail of the GPU tests and the
-# sanitizers' summaries of the variants in AB_CHECK), and per ncu case ncu_CASE.txt (the details
-# page), src_CASE.csv (counts per SASS instruction) and the .ncu-rep.
+# sanitizers' summaries of the variants in AB_CHECK), and from the ncu stage ncu.txt (details
+# pages and stall reasons), src_CASE.csv (counts per SASS instruction) and CASE.ncu-rep.
 set -u
 cd "$(dirname "$0")/.."
 O=${OUT:-/tmp/out}
@@ -23,20 +24,8 @@ for v in "$@"; do
 done
 date -u >> "$O/ab.txt"
 v=${NCU_VARIANT:-$1}
-while read -r name args; do
-  [[ " ${NCU_CASES:-} " == *" $name "* ]] || continue
-  # shellcheck disable=SC2086  # args: the case's words
-  PYTHONPATH=.ab/$v TP_SOFTMAX_BUILD_DIR=/tmp/ab_build_$v timeout 150 ncu --clock-control none \
-    --kernel-name regex:softmax_kernel --launch-skip 2 --launch-count 1 --section InstructionStats \
-    --section SourceCounters --section SchedulerStats --section WarpStateStats --section SpeedOfLight \
-    -f -o "/tmp/r_$name" python3 -P scripts/profile_case.py $args > "$O/ncu_$name.log" 2>&1
-  ncu --import "/tmp/r_$name.ncu-rep" --page details > "$O/ncu_$name.txt" 2>&1
-  ncu --import "/tmp/r_$name.ncu-rep" --page source --csv --print-source sass > "$O/src_$name.csv" 2>&1 ||
-    ncu --import "/tmp/r_$name.ncu-rep" --page source --csv > "$O/src_$name.csv" 2>&1
-  cp "/tmp/r_$name.ncu-rep" "$O/" 2>/dev/null
-done <<'CASES'
-bloom 1 56 112 2048 2048 fp16 causal alibi pad
-gpt 8 16 16 1024 1024 bf16 causal pad
-decode-b8-k64k 8 32 32 1 65536 bf16
-CASES
-date -u >> "$O/ab.txt"
+if [ -n "${NCU_CASES:-}" ]; then
+  OUT=$O TP_SOFTMAX_PKG=$PWD/.ab/$v TP_SOFTMAX_BUILD_DIR=/tmp/ab_build_$v NCU_ONLY=$NCU_CASES NCU_SOURCE=1 \
+    scripts/gpu_check.sh ncu > "$O/ncu_stage.txt" 2>&1
+  date -u >> "$O/ab.txt"
+fi

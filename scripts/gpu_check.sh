@@ -8,6 +8,8 @@
 #   WHEELS=dir  extra wheels to install first (e.g. deepspeed and its small deps)
 #   BENCH_ARGS="..." passed to launch/bench.py
 #   NCU_ONLY="NAME ..."  the ncu stage profiles only these of its cases (bloom gpt decode-b8-k64k ...)
+#   NCU_SOURCE=1     the ncu stage also counts instructions per SASS line: src_NAME.csv and the
+#                    report NAME.ncu-rep in OUT
 #   TP_SOFTMAX_PKG=dir  import tp_softmax (and build the csrc/ beside it) from dir, not from this
 #                       checkout: stages env, sass, test, sanitize, bench, ncu (the torchrun
 #                       launchers import the checkout); scripts/ab_bench.sh uses it for variants
@@ -87,13 +89,17 @@ if has ncu; then
     echo "=== $name: $args" >> "$OUT/ncu.txt"
     TP_SOFTMAX_LAUNCH_INFO=1 ncu --clock-control none --kernel-name regex:softmax_kernel --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
-      --section SourceCounters -f -o "$rep_dir/$name" \
+      --section SourceCounters ${NCU_SOURCE:+--section InstructionStats} -f -o "$rep_dir/$name" \
       python3 scripts/profile_case.py $args >> "$OUT/ncu.txt" 2>&1
     ncu --import "$rep_dir/$name.ncu-rep" --page details >> "$OUT/ncu.txt" 2>&1
     # The stall reasons: warps stalled per issued instruction, by reason.
     echo "--- stall reasons (warps stalled per issued instruction), $name" >> "$OUT/ncu.txt"
     ncu --import "$rep_dir/$name.ncu-rep" --page raw 2>&1 |
       grep -E 'issue_stalled_[a-z_]+_per_issue_active' >> "$OUT/ncu.txt"
+    if [ -n "${NCU_SOURCE:-}" ]; then
+      ncu --import "$rep_dir/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/src_$name.csv" 2>&1
+      cp "$rep_dir/$name.ncu-rep" "$OUT/"
+    fi
   done <<'CASES'
 bloom 1 56 112 2048 2048 fp16 causal alibi pad
 gpt 8 16 16 1024 1024 bf16 causal pad
