@@ -8,9 +8,9 @@ Per-rank scaling (BLOOM-176B on 4 ranks):
 CPU check of the code:   python launch/bench.py --smoke --device cpu --out /tmp/bench
 
 Cases: the public case table (``--list`` prints it), plus ``--case [NAME=]B,H,mp,Q,K,dtype[,flags]``
-(flags joined by ``+``: causal, alibi, slopes, pad, boolpad, window=N, scale=F, scaling), filtered by
-``--only NAME`` (names or shell patterns; also selects the named cases outside the default run,
-such as ``bloom176b-tp4``). B, H and mp describe one rank: H is its head count, the model has
+(flags joined by ``+``: causal, alibi, slopes, pad, boolpad, window=N, scale=F, scaling). ``--only
+NAME`` (names or shell patterns) picks among the named cases, the ones outside the default run
+(such as ``bloom176b-tp4``) included; a case given with ``--case`` always runs. B, H and mp describe one rank: H is its head count, the model has
 H * mp heads. Run on one process, a case is the LAST rank's shard (head_offset = (mp-1) * H, the
 convention of the public table); under torchrun, rank r times shard r % mp, all ranks at once,
 and rank 0 reports the slowest rank.
@@ -827,7 +827,8 @@ def parse_args(argv=None):
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default="bench_out", help="folder for bench.csv, bench_env.json and the chart")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="run only these cases (names or shell patterns, comma-separated, repeatable)")
+                   help="run only these named cases (names or shell patterns, comma-separated, "
+                        "repeatable); cases given with --case always run")
     p.add_argument("--case", action="append", default=[], metavar="SPEC",
                    help="add a case: [NAME=]B,H,mp,Q,K,dtype[,flags] (flags: causal+alibi+slopes+pad+"
                         "boolpad+window=N+scale=F+scaling; boolpad: the padding as a bool mask)")
@@ -868,10 +869,12 @@ def parse_args(argv=None):
     known = list(bl.PUBLIC_CASES) + list(bl.EXTRA_CASES) + custom
     args.known = known
     if args.only:
-        cases = [c for c in known if any(fnmatch.fnmatchcase(c.name, pat) for pat in args.only)]
+        named = list(bl.PUBLIC_CASES) + list(bl.EXTRA_CASES)
+        cases = [c for c in named if any(fnmatch.fnmatchcase(c.name, pat) for pat in args.only)]
         missing = [pat for pat in args.only if not any(fnmatch.fnmatchcase(c.name, pat) for c in known)]
         if missing:
             p.error(f"--only: no case matches {missing}; --list shows the cases")
+        cases += custom  # given on the command line: always run
     else:
         cases = list(bl.PUBLIC_CASES) + custom
     if args.smoke:

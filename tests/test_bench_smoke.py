@@ -117,6 +117,17 @@ def test_parse_case():
             bl.parse_case(bad)
 
 
+def test_only_picks_named_cases_and_command_line_cases_always_run():
+    args = bench.parse_args(["--only", "gpt-*,bert-b32-s512", "--case", "mine=1,2,1,4,8,fp16,causal"])
+    assert [c.name for c in args.cases] == ["gpt-prefill-b8", "bert-b32-s512", "mine"]
+    args = bench.parse_args(["--only", "bloom176b-tp4"])
+    assert [c.name for c in args.cases] == ["bloom176b-tp4"]
+    args = bench.parse_args(["--case", "mine=1,2,1,4,8,fp16"])
+    assert [c.name for c in args.cases] == [c.name for c in bl.PUBLIC_CASES] + ["mine"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "no-such-case"])
+
+
 def test_public_table_is_reproduced():
     table = {c.name: (c.dtype, c.shape_text(), c.flags) for c in bl.PUBLIC_CASES}
     assert table == {
