@@ -432,6 +432,15 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // arrival of the first tiles over 5 to 12 us (a block's cluster waits for its last one); asked
   // for first, they arrive together, and the other stages' copies follow while they are worked on.
   constexpr int kStartStages = CLUSTER ? 1 : kMaxStages;
+  // Blocks of aligned rows without a cluster or producer warp may write their outputs into the
+  // stage the tile was read from (each chunk at its slot position, hidden ones as zeros) and send
+  // them to global memory with bulk copies: per row, or with rows of more than a warp, per warp and
+  // chunk slot, 32 chunks each. warp 0 then refills a stage one tile later, once those copies have
+  // read it. Measured on an H100 (docs/perf.md, "bulk stores"), this gains on rows of 16 to 64
+  // threads without a window and loses on the others, which keep the 16-byte stores. Only where
+  // the outputs go changes, never their values.
+  constexpr bool kBulkOut = ALIGNED && !CLUSTER && !WS;
+  const bool bulk_out = kBulkOut && rt >= 16 && rt <= 64 && P.window == 0;
 
   extern __shared__ __align__(128) uint8_t stage_mem[];
   __shared__ StagedScratch sh;
@@ -668,6 +677,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         bar_sync(kComputeBar, kStagedThreads);
       }
     } else if (block_rows || ALIGNED) {
+      if (bulk_out && k > 0) bulk_wait_read();  // the outputs of the tile before have left its stage
       __syncthreads();
     }
     if (block_rows) {
@@ -695,10 +705,47 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
 #pragma unroll
     for (int e = 0; e < V; ++e) hid[e] = norm.hidden;
     const uint4 hidden_chunk = pack_chunk<T>(hid);
+    if (bulk_out) {
+      // (No cluster: chunk c * rt + lane is at slot position c * rt + lane.)
+      uint8_t* const out_slot = stage_mem + s * L.stage_bytes + static_cast<size_t>(row_in_tile) * ts.slot * 16;
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const int ch = c * t_rt + t_lane;
+        if (!active || ch >= ts.nchunks) continue;
+        uint4 v = hidden_chunk;
+        if (vis[c]) {
+          float y[V];
+#pragma unroll
+          for (int e = 0; e < V; ++e) y[e] = kept[c][e] * factor;
+          v = pack_chunk<T>(y);
+        }
+        sts128(out_slot + static_cast<size_t>(ch) * 16, v);
+      }
+      fence_proxy_async_smem();
+      __syncwarp();
+      const int wl = tid & 31;
+      if (t_rt <= 32) {
+        // The row's lanes are in this warp: its first lane sends the whole row.
+        if (active && t_lane == 0) {
+          const int n = ts.slot < ts.nchunks ? ts.slot : ts.nchunks;
+          bulk_store(r.out, smem_u32(out_slot), static_cast<uint32_t>(n) * 16u, l2_policy<true>());
+          bulk_commit();
+        }
+      } else if (active && wl < C) {
+        // This warp holds slot positions c * rt + first + [0, 32) of its row: lane c sends them.
+        const int p0 = wl * t_rt + (t_lane - wl);
+        const int n = ts.nchunks - p0 < 32 ? ts.nchunks - p0 : 32;
+        if (n > 0) {
+          bulk_store(r.out + static_cast<size_t>(p0) * V, smem_u32(out_slot + static_cast<size_t>(p0) * 16),
+                     static_cast<uint32_t>(n) * 16u, l2_policy<true>());
+          bulk_commit();
+        }
+      }
+    }
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       const int ch = c * ch_step + ch_base;
-      if (!active || ch >= ts.nchunks) continue;
+      if (bulk_out || !active || ch >= ts.nchunks) continue;
       if constexpr (ALIGNED) {
         if (vis[c]) {
           float y[V];
@@ -724,10 +771,13 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     if constexpr (ALIGNED) {
       // Every thread was done with stage s at the barrier above: refill it. (Here, not right after
       // the barrier, where the copy warp's work would add to the registers that hold the logits.)
-      const int64_t t2 = t + L.stages * nunits;
-      if (!WS && (kIssueParts > 1 || warp == 0) && t2 < ntiles)
-        issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t2, rows, stage_mem + s * L.stage_bytes,
-                                                   smem_u32(&sh.full[s]), row_table + s * L.table_bytes,
+      // With bulk_out, the stage of the tile before instead: every thread's bulk stores of it had
+      // read it before the barrier above.
+      const int sp = bulk_out ? (s == 0 ? L.stages - 1 : s - 1) : s;
+      const int64_t t2 = (bulk_out ? t - nunits : t) + L.stages * nunits;
+      if (!WS && (kIssueParts > 1 || warp == 0) && t2 < ntiles && (!bulk_out || k > 0))
+        issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t2, rows, stage_mem + sp * L.stage_bytes,
+                                                   smem_u32(&sh.full[sp]), row_table + sp * L.table_bytes,
                                                    kIssueParts > 1 ? warp : 0);
       if (++s == L.stages) {
         s = 0;
@@ -735,6 +785,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       }
     }
   }
+  if (bulk_out) bulk_wait();  // the last tiles' outputs have left shared memory
   // No block of a cluster may exit while another can still write to its shared memory. (Every
   // unit has a tile, so every block has waited for the arrival above.) Every partial a block is
   // sent has landed (it waited for them on its exchange barrier), so the arrival releases nothing:
