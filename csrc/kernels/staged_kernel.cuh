@@ -13,7 +13,9 @@
 // pays, the mask / bias rows the tile reads (StageLayout). Thread `lane` of a row takes chunks
 // c * rt + lane (c < 8) of its slice: it forms their logits once (kept in registers when the row
 // has at most one mask / bias tensor), reduces an online max / sum, and writes the outputs with
-// 16-byte stores; hidden chunks (causal, window) are never read and are written as zeros.
+// 16-byte stores (in blocks of aligned rows of 16 to 64 threads without a window, cluster or
+// producer warp: into the stage, sent by bulk copies); hidden chunks (causal, window) are never
+// read and are written as zeros.
 //
 // The reduction order is fixed by (chunk slot, element, lane butterfly, warp order, cluster rank
 // order; the lanes of a warp take their maximum first, and in a cluster the warps and ranks too),
