@@ -448,6 +448,12 @@ def test_streaming_path_and_cluster_path_reported():
     assert "producer warp" in _kernel.row_config(8192, torch.float16, two_operands=True)
     assert "producer warp" not in _kernel.row_config(16384, torch.float16, two_operands=True)
     assert "producer warp" not in _kernel.row_config(8192, torch.float16)
+    # outputs by bulk copies: rows of 16 to 64 threads without a cluster or producer warp
+    for K, dtype in ((1024, torch.bfloat16), (4096, torch.float16), (512, torch.float32), (2048, torch.float32)):
+        assert "outputs sent by bulk copies" in _kernel.row_config(K, dtype), (K, dtype)
+    for K, dtype, two in ((512, torch.float16, False), (8192, torch.float16, False), (256, torch.float32, False),
+                          (4096, torch.float32, False), (2048, torch.float16, True), (65536, torch.bfloat16, False)):
+        assert "bulk copies" not in _kernel.row_config(K, dtype, two_operands=two), (K, dtype, two)
 
 
 # Many more tiles than resident blocks: every stage of the copy pipeline is reused many times

@@ -99,6 +99,17 @@ TP_SOFTMAX_HOST_DEVICE constexpr bool cluster_kernel(const RowConfig& c) {
   return c.cluster > 1 || c.block_threads == kWideThreads;
 }
 
+// Staged rows whose outputs are written into the stage they were read from and sent to global
+// memory by bulk copies, instead of 16-byte stores from every thread: aligned rows of 16 to 64
+// threads, in blocks without a cluster or producer warp, without a window. (Measured on an H100:
+// it gains on those rows and loses on the others; docs/perf.md, "v31". Only where the outputs go
+// changes, never their values.)
+TP_SOFTMAX_HOST_DEVICE constexpr bool bulk_stores(int chunks, int row_threads, bool aligned, bool clustered,
+                                                  int64_t window) {
+  return aligned && !clustered && !warp_specialised(chunks, aligned, clustered) && row_threads >= 16 &&
+         row_threads <= 64 && window == 0;
+}
+
 // Long rows (more than 16 x 64 KiB, or 16 x 32 KiB with two operand tensors): clusters of up to
 // kLongRowMaxCluster blocks of kLongRowThreads share a row; a block's part of a row is staged in
 // shared memory when it has at most kLongRowMaxPieces pieces of kLongRowThreads 16-byte chunks.

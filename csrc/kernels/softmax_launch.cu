@@ -59,9 +59,12 @@ RowConfig choose_row_config(int64_t K, DType dtype, bool two_operands) {
 const char* describe_row_config(int64_t K, DType dtype, bool two_operands, char* buf, int len) {
   const RowConfig c = choose_row_config(K, dtype, two_operands);
   if (c.chunks > 0)
-    snprintf(buf, len, "one read (staged): %d thread(s)/row x %d chunk(s), cluster %d, %d threads/block%s",
+    snprintf(buf, len, "one read (staged): %d thread(s)/row x %d chunk(s), cluster %d, %d threads/block%s%s",
              c.row_threads, c.chunks, c.cluster, c.block_threads,
-             warp_specialised(c.chunks, true, cluster_kernel(c)) ? " + a producer warp (16-byte aligned rows)" : "");
+             warp_specialised(c.chunks, true, cluster_kernel(c)) ? " + a producer warp (16-byte aligned rows)" : "",
+             bulk_stores(c.chunks, c.row_threads, true, cluster_kernel(c), 0)
+                 ? "; outputs sent by bulk copies (16-byte aligned rows without a window)"
+                 : "");
   else if (c.staged)
     snprintf(buf, len,
              "one read (long rows): cluster %d x %d threads, %d piece(s) of 8 KiB a block staged in shared memory "

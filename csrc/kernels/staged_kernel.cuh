@@ -434,15 +434,13 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // arrival of the first tiles over 5 to 12 us (a block's cluster waits for its last one); asked
   // for first, they arrive together, and the other stages' copies follow while they are worked on.
   constexpr int kStartStages = CLUSTER ? 1 : kMaxStages;
-  // Blocks of aligned rows without a cluster or producer warp may write their outputs into the
-  // stage the tile was read from (each chunk at its slot position, hidden ones as zeros) and send
-  // them to global memory with bulk copies: per row, or with rows of more than a warp, per warp and
-  // chunk slot, 32 chunks each. warp 0 then refills a stage one tile later, once those copies have
-  // read it. Measured on an H100 (docs/perf.md, "bulk stores"), this gains on rows of 16 to 64
-  // threads without a window and loses on the others, which keep the 16-byte stores. Only where
-  // the outputs go changes, never their values.
+  // Rows of bulk_stores (softmax.h) write their outputs into the stage the tile was read from (each
+  // chunk at its slot position, hidden ones as zeros) and send them to global memory with bulk
+  // copies: per row, or with rows of more than a warp, per warp and chunk slot, 32 chunks each.
+  // warp 0 then refills a stage one tile later, once those copies have read it. (kBulkOut: the
+  // kernels that can take them at all.)
   constexpr bool kBulkOut = ALIGNED && !CLUSTER && !WS;
-  const bool bulk_out = kBulkOut && rt >= 16 && rt <= 64 && P.window == 0;
+  const bool bulk_out = kBulkOut && bulk_stores(C, rt, ALIGNED, CLUSTER, P.window);
 
   extern __shared__ __align__(128) uint8_t stage_mem[];
   __shared__ StagedScratch sh;
