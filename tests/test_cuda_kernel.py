@@ -5,6 +5,7 @@ not skip) when CUDA is present but the kernel cannot be built or loaded.
 """
 
 import itertools
+import re
 import warnings
 
 import pytest
@@ -509,6 +510,32 @@ STAGING_CASES = [
     # a bool mask row of 1032 bytes is not whole 16-byte units: it stays in global memory
     ("odd-mask", torch.float16, 2, 2, 4, 1032, False, None, "bhqk", ("B11K", torch.bool), ("global", "per row")),
 ]
+
+
+@pytest.mark.parametrize("name,least", [("prefill", 2), ("prefill-few-rows", 3), ("cluster-decode", 2),
+                                        ("f32-alibi", 3)])
+def test_fewer_stages_same_bits(name, least, capfd, monkeypatch):
+    # TP_SOFTMAX_MAX_STAGES caps the stages a block fills ahead (a measurement knob): same bits.
+    case = next(c for c in STAGING_CASES if c[0] == name)
+    _, dtype, B, H, Q, K, causal, window, alibi_lay, mask_lay, _ = case
+    gen = torch.Generator(device="cuda").manual_seed(K + Q + 1)
+    scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).mul_(4).to(dtype)
+    kwargs = dict(causal=causal, window=window, head_offset=1, layer_scale=0.5)
+    if alibi_lay == "bh1k":
+        kwargs["alibi"] = torch.randn(B * (H + 1), 1, K, device="cuda", generator=gen).to(dtype)
+    if mask_lay is not None:
+        kwargs["mask"] = torch.rand((B, 1, 1, K), device="cuda", generator=gen) > 0.3
+    monkeypatch.setenv("TP_SOFTMAX_LAUNCH_INFO", "1")
+    capfd.readouterr()
+    full = poisoned_call(scores, **kwargs)
+    stages = int(re.search(r"(\d+) stages of", launch_lines(capfd, "staged layout")[-1]).group(1))
+    assert stages >= least, stages
+    for cap in sorted({"2", str(stages - 1), "0", "99"}):
+        monkeypatch.setenv("TP_SOFTMAX_MAX_STAGES", cap)
+        out = poisoned_call(scores, **kwargs)
+        got = int(re.search(r"(\d+) stages of", launch_lines(capfd, "staged layout")[-1]).group(1))
+        assert got == min(max(int(cap), 2), stages), (cap, got)  # out-of-range caps are clamped
+        assert torch.equal(bits(out), bits(full)), cap
 
 
 @pytest.mark.parametrize("case", STAGING_CASES, ids=lambda c: c[0])

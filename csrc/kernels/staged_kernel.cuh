@@ -277,8 +277,8 @@ inline int operand_mode(const SoftmaxParams& p, const void* ptr, const int64_t* 
 }
 
 // Rows of `rt` threads (aligned path): which operands are staged, the stage size and count.
-// TP_SOFTMAX_STAGE_OPERANDS=0 reads every operand from global memory (for comparisons: the
-// results are the same bits).
+// TP_SOFTMAX_STAGE_OPERANDS=0 reads every operand from global memory, TP_SOFTMAX_MAX_STAGES=N
+// (2 .. kMaxStages) takes at most N stages (both for comparisons: the results are the same bits).
 template <typename T, MaskKind MK, BiasKind BK, int C, bool WIDE>
 StageLayout staged_layout(const SoftmaxParams& p, int rt, int cluster) {
   using R = Row<T, MK, BK, int>;
@@ -287,6 +287,9 @@ StageLayout staged_layout(const SoftmaxParams& p, int rt, int cluster) {
   const int64_t rows = kComputeThreads<WIDE> / rt, slot = int64_t{rt} * C;
   const char* env = std::getenv("TP_SOFTMAX_STAGE_OPERANDS");
   const bool stage = env == nullptr || env[0] != '0';
+  const char* cap_env = std::getenv("TP_SOFTMAX_MAX_STAGES");
+  const int cap_read = cap_env != nullptr ? std::atoi(cap_env) : kMaxStages;
+  const int cap = cap_read < 2 ? 2 : cap_read > kMaxStages ? kMaxStages : cap_read;
   int mm = R::kMask && stage ? operand_mode(p, p.mask, p.mask_stride, sizeof(typename R::MaskT)) : kOpGlobal;
   int bm = R::kBias && stage ? operand_mode(p, p.bias, p.bias_stride, sizeof(typename R::BiasT)) : kOpGlobal;
   // An operand row shared over queries is staged only for tiles of 8 rows or more where warp 0
@@ -319,7 +322,7 @@ StageLayout staged_layout(const SoftmaxParams& p, int rt, int cluster) {
     const int64_t total = (kTile + mb + bb + 127) / 128 * 128;
     const int64_t n = kSmemBudget<WIDE> / (total + table);  // stages that fit
     if (n >= 2) {
-      return {static_cast<int>(n < kMaxStages ? n : kMaxStages), static_cast<int>(total), mm, bm,
+      return {static_cast<int>(n < cap ? n : cap), static_cast<int>(total), mm, bm,
               static_cast<int>(kTile), static_cast<int>(kTile + mb), whole, static_cast<int>(table)};
     }
     if (mb >= bb) {
