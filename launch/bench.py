@@ -10,8 +10,8 @@ CPU check of the code:   python launch/bench.py --smoke --device cpu --out /tmp/
 Cases: the public case table (``--list`` prints it), plus ``--case [NAME=]B,H,mp,Q,K,dtype[,flags]``
 (flags joined by ``+``: causal, alibi, slopes, pad, boolpad, window=N, scale=F, scaling). ``--only
 NAME`` (names or shell patterns) picks among the named cases, the ones outside the default run
-(such as ``bloom176b-tp4``) included; a case given with ``--case`` always runs. B, H and mp describe one rank: H is its head count, the model has
-H * mp heads. Run on one process, a case is the LAST rank's shard (head_offset = (mp-1) * H, the
+(such as ``bloom176b-tp4``) included; a case given with ``--case`` always runs. B, H and mp
+describe one rank: H is its head count, the model has H * mp heads. Run on one process, a case is the LAST rank's shard (head_offset = (mp-1) * H, the
 convention of the public table); under torchrun, rank r times shard r % mp, all ranks at once,
 and rank 0 reports the slowest rank.
 
@@ -866,10 +866,10 @@ def parse_args(argv=None):
         custom = [bl.parse_case(s) for s in args.case]
     except ValueError as exc:
         p.error(str(exc))
-    known = list(bl.PUBLIC_CASES) + list(bl.EXTRA_CASES) + custom
+    named = list(bl.PUBLIC_CASES) + list(bl.EXTRA_CASES)
+    known = named + custom
     args.known = known
     if args.only:
-        named = list(bl.PUBLIC_CASES) + list(bl.EXTRA_CASES)
         cases = [c for c in named if any(fnmatch.fnmatchcase(c.name, pat) for pat in args.only)]
         missing = [pat for pat in args.only if not any(fnmatch.fnmatchcase(c.name, pat) for c in known)]
         if missing:

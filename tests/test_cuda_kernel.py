@@ -512,36 +512,10 @@ STAGING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,least", [("prefill", 2), ("prefill-few-rows", 3), ("cluster-decode", 2),
-                                        ("f32-alibi", 3)])
-def test_fewer_stages_same_bits(name, least, capfd, monkeypatch):
-    # TP_SOFTMAX_MAX_STAGES caps the stages a block fills ahead (a measurement knob): same bits.
-    case = next(c for c in STAGING_CASES if c[0] == name)
+def staging_inputs(case, seed_offset=0):
+    """Scores and attention_softmax keyword arguments for a STAGING_CASES entry."""
     _, dtype, B, H, Q, K, causal, window, alibi_lay, mask_lay, _ = case
-    gen = torch.Generator(device="cuda").manual_seed(K + Q + 1)
-    scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).mul_(4).to(dtype)
-    kwargs = dict(causal=causal, window=window, head_offset=1, layer_scale=0.5)
-    if alibi_lay == "bh1k":
-        kwargs["alibi"] = torch.randn(B * (H + 1), 1, K, device="cuda", generator=gen).to(dtype)
-    if mask_lay is not None:
-        kwargs["mask"] = torch.rand((B, 1, 1, K), device="cuda", generator=gen) > 0.3
-    monkeypatch.setenv("TP_SOFTMAX_LAUNCH_INFO", "1")
-    capfd.readouterr()
-    full = poisoned_call(scores, **kwargs)
-    stages = int(re.search(r"(\d+) stages of", launch_lines(capfd, "staged layout")[-1]).group(1))
-    assert stages >= least, stages
-    for cap in sorted({"2", str(stages - 1), "0", "99"}):
-        monkeypatch.setenv("TP_SOFTMAX_MAX_STAGES", cap)
-        out = poisoned_call(scores, **kwargs)
-        got = int(re.search(r"(\d+) stages of", launch_lines(capfd, "staged layout")[-1]).group(1))
-        assert got == min(max(int(cap), 2), stages), (cap, got)  # out-of-range caps are clamped
-        assert torch.equal(bits(out), bits(full)), cap
-
-
-@pytest.mark.parametrize("case", STAGING_CASES, ids=lambda c: c[0])
-def test_staged_operands_same_bits_as_global(case, capfd, monkeypatch):
-    name, dtype, B, H, Q, K, causal, window, alibi_lay, mask_lay, expect = case
-    gen = torch.Generator(device="cuda").manual_seed(K + Q)
+    gen = torch.Generator(device="cuda").manual_seed(K + Q + seed_offset)
     H_total = H + 1
     scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).mul_(4).to(dtype)
     kwargs = dict(causal=causal, window=window, head_offset=1, layer_scale=0.5)
@@ -555,6 +529,36 @@ def test_staged_operands_same_bits_as_global(case, capfd, monkeypatch):
             kwargs["mask"] = torch.rand(shape, device="cuda", generator=gen) > 0.3
         else:
             kwargs["mask"] = (torch.randn(shape, device="cuda", generator=gen) * 3).to(mask_lay[1])
+    return scores, kwargs
+
+
+def launched_stages(capfd):
+    """The stage count of the last staged launch TP_SOFTMAX_LAUNCH_INFO=1 reported."""
+    return int(re.search(r"(\d+) stages of", launch_lines(capfd, "staged layout")[-1]).group(1))
+
+
+@pytest.mark.parametrize("name,least", [("prefill", 2), ("prefill-few-rows", 3), ("cluster-decode", 2),
+                                        ("f32-alibi", 3)])
+def test_fewer_stages_same_bits(name, least, capfd, monkeypatch):
+    # TP_SOFTMAX_MAX_STAGES caps the stages a block fills ahead (a measurement knob): same bits.
+    scores, kwargs = staging_inputs(next(c for c in STAGING_CASES if c[0] == name), seed_offset=1)
+    monkeypatch.setenv("TP_SOFTMAX_LAUNCH_INFO", "1")
+    capfd.readouterr()
+    full = poisoned_call(scores, **kwargs)
+    stages = launched_stages(capfd)
+    assert stages >= least, stages
+    for cap in sorted({"2", str(stages - 1), "0", "99"}):
+        monkeypatch.setenv("TP_SOFTMAX_MAX_STAGES", cap)
+        out = poisoned_call(scores, **kwargs)
+        got = launched_stages(capfd)
+        assert got == min(max(int(cap), 2), stages), (cap, got)  # out-of-range caps are clamped
+        assert torch.equal(bits(out), bits(full)), cap
+
+
+@pytest.mark.parametrize("case", STAGING_CASES, ids=lambda c: c[0])
+def test_staged_operands_same_bits_as_global(case, capfd, monkeypatch):
+    name, dtype, *_, expect = case
+    scores, kwargs = staging_inputs(case)
     monkeypatch.setenv("TP_SOFTMAX_LAUNCH_INFO", "1")
     capfd.readouterr()
     staged = poisoned_call(scores, **kwargs)

@@ -440,8 +440,9 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // Rows of bulk_stores (softmax.h) write their outputs into the stage the tile was read from (each
   // chunk at its slot position, hidden ones as zeros) and send them to global memory with bulk
   // copies: per row, or with rows of more than a warp, per warp and chunk slot, 32 chunks each.
-  // warp 0 then refills a stage one tile later, once those copies have read it. (kBulkOut: the
-  // kernels that can take them at all.)
+  // warp 0 then refills a stage one tile later, once those copies have read it. (kBulkOut, the
+  // kernels that can take them at all, repeats part of bulk_stores at compile time: without it the
+  // cluster kernels without operand tensors come out of ptxas with other register choices.)
   constexpr bool kBulkOut = ALIGNED && !CLUSTER && !WS;
   const bool bulk_out = kBulkOut && bulk_stores(C, rt, ALIGNED, CLUSTER, P.window);
 
