@@ -3,7 +3,7 @@
     python scripts/check_kernels.py [--arch sm_90] [--jobs 2]
 
 Fails when a file does not compile (scripts/timeline_probe.cu included, with the kernels' timeline
-hooks on), or when a hot variant spills registers or uses a stack
+hooks on, and scripts/pattern_probe.cu), or when a hot variant spills registers or uses a stack
 frame beyond 8 bytes. Hot variants: the one-read (staged) kernel with 16-byte aligned rows, which
 every contiguous tensor with K a multiple of the vector width takes, with and without a cluster,
 and the long-row kernel's staged variants (its last template flag; rows of more than 16 x 32 KiB).
@@ -35,6 +35,9 @@ NAME = re.compile(r"(staged|streaming)_softmax_kernelI(\w+?)LNS_8MaskKindE(\d)EL
 # compiled here too (its resource report is not checked) so that the hooks keep compiling.
 PROBE = ROOT / "scripts" / "timeline_probe.cu"
 PROBE_FLAGS = ("-DTP_SOFTMAX_TIMELINE", "-DTP_SOFTMAX_PLAIN_ROWS_ONLY", f"-I{KERNELS}")
+# The pattern probe (scripts/pattern_probe.cu, the data movement of a case without arithmetic)
+# stands alone; compiled here so that it keeps compiling.
+PATTERN = ROOT / "scripts" / "pattern_probe.cu"
 
 
 def compile_one(src: Path, arch: str, out_dir: Path, extra=()):
@@ -55,6 +58,7 @@ def main() -> int:
     failures, rows = [], []
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         probe = pool.submit(compile_one, PROBE, args.arch, Path(tmp), PROBE_FLAGS)
+        pattern = pool.submit(compile_one, PATTERN, args.arch, Path(tmp))
         results = pool.map(lambda s: compile_one(s, args.arch, Path(tmp)), sorted(KERNELS.glob("*.cu")))
         for name, rc, log in results:
             if rc != 0:
@@ -81,6 +85,11 @@ def main() -> int:
             failures.append(f"{name} (timeline hooks on): nvcc exit {rc}\n{log[-3000:]}")
         else:
             print(f"check_kernels: {name} compiles with the timeline hooks on")
+        name, rc, log = pattern.result()
+        if rc != 0:
+            failures.append(f"{name}: nvcc exit {rc}\n{log[-3000:]}")
+        else:
+            print(f"check_kernels: {name} compiles")
     n_hot = sum(r[-1] for r in rows)
     n_spill = sum(1 for r in rows if r[7] or r[8])
     print(f"check_kernels: {len(rows)} kernel variants compiled for {args.arch}, {n_hot} hot; "

@@ -1,0 +1,272 @@
+// How fast can the data movement of a case go on this card, with no arithmetic at all?
+//
+// For a [B, H, Q, K] case, a masked copy moves exactly the bytes of the case's floor (the
+// operands aside): each row reads the 16-byte chunks that hold its visible keys (causal and
+// window, bottom-right aligned as the op's) and writes every chunk of its output (the chunks it
+// read, zeros elsewhere). A warp takes one row at a time, rows in order, every chunk load of a
+// group before its stores, streaming cache hints. Also timed: the reads alone, the writes alone,
+// and a device copy (cudaMemcpyAsync) of half the floor's bytes, as launch/bench.py's "copy"
+// (the reads and the writes alone: GB/s of their own bytes, no efficiency).
+// Each time is the median of CUDA-event timings over rotating buffer sets (more than 512 MiB in
+// all); the efficiency is floor / (copy bandwidth) / time, as in the bench, with the copy
+// bandwidth of a 1024 MiB copy measured in the same run.
+//
+// Build and run on the GPU machine (seconds):
+//   nvcc -std=c++17 -O3 -arch=sm_90 scripts/pattern_probe.cu -o /tmp/pattern_probe
+//   /tmp/pattern_probe                      the causal cases of the public table, and bert
+//   /tmp/pattern_probe NAME B H Q K BYTES [causal] [window=N]    one case
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#define CHECK(x)                                                                              \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+struct Shape {
+  int64_t rows, Q, K;
+  int elem;        // bytes an element
+  bool causal;
+  int64_t window;  // 0: none
+};
+
+// The visible keys of row i (query i of Q): [lo, hi); hi <= lo when none.
+__host__ __device__ inline void visible_span(const Shape& s, int64_t i, int64_t* lo, int64_t* hi) {
+  const int64_t p = i + s.K - s.Q;  // the last key the query may see
+  *hi = s.causal ? (p + 1 < s.K ? p + 1 : s.K) : s.K;
+  *lo = s.window > 0 && p - s.window + 1 > 0 ? p - s.window + 1 : 0;
+}
+
+enum Mode { kCopy = 0, kRead = 1, kWrite = 2 };
+
+// U chunks a lane in flight: a warp moves 32 * U * 16 bytes of a row at once.
+template <int U, int MODE>
+__global__ void __launch_bounds__(256) masked_copy(const uint4* __restrict__ in, uint4* __restrict__ out,
+                                                   Shape s, int* sink) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int vpc = 16 / s.elem;
+  const int64_t nch = s.K / vpc;
+  uint32_t acc = 0;
+  for (int64_t row = warp; row < s.rows; row += nwarps) {
+    int64_t lo, hi;
+    visible_span(s, row % s.Q, &lo, &hi);
+    const int64_t c_lo = lo / vpc, c_hi = hi > lo ? (hi + vpc - 1) / vpc : c_lo;  // chunks to read
+    const uint4* src = in + row * nch;
+    uint4* dst = out + row * nch;
+    for (int64_t c0 = 0; c0 < nch; c0 += 32 * U) {
+      uint4 v[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t c = c0 + u * 32 + lane;
+        v[u] = make_uint4(0, 0, 0, 0);
+        if (MODE != kWrite && c >= c_lo && c < c_hi) v[u] = __ldcs(src + c);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t c = c0 + u * 32 + lane;
+        if (MODE == kRead) {
+          acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+        } else if (c < nch) {
+          __stcs(dst + c, v[u]);
+        }
+      }
+    }
+  }
+  if (MODE == kRead && acc == 0x9e3779b9u) atomicAdd(sink, 1);  // keeps the loads
+}
+
+struct Case {
+  std::string name;
+  int64_t B, H, Q, K;
+  int elem;
+  bool causal;
+  int64_t window;
+};
+
+static double median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+template <int U>
+static double time_mode(int mode, const std::vector<uint4*>& ins, const std::vector<uint4*>& outs, const Shape& s,
+                        int* sink, int reps) {
+  int dev, sms, per_sm = 0;
+  CHECK(cudaGetDevice(&dev));
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  auto launch = [&](int i) {
+    const uint4* in = ins[i % ins.size()];
+    uint4* out = outs[i % outs.size()];
+    if (mode == kCopy) {
+      CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, masked_copy<U, kCopy>, 256, 0));
+      masked_copy<U, kCopy><<<sms * per_sm, 256>>>(in, out, s, sink);
+    } else if (mode == kRead) {
+      CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, masked_copy<U, kRead>, 256, 0));
+      masked_copy<U, kRead><<<sms * per_sm, 256>>>(in, out, s, sink);
+    } else {
+      CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, masked_copy<U, kWrite>, 256, 0));
+      masked_copy<U, kWrite><<<sms * per_sm, 256>>>(in, out, s, sink);
+    }
+    CHECK(cudaGetLastError());
+  };
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) launch(i);
+  std::vector<float> t;
+  for (int i = 0; i < reps; ++i) {
+    CHECK(cudaEventRecord(a));
+    launch(i + 3);
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    float ms;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms);
+  }
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
+  return median(t);
+}
+
+static double time_memcpy(size_t bytes, int reps, const std::vector<uint4*>& ins, const std::vector<uint4*>& outs) {
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  std::vector<float> t;
+  for (int i = 0; i < reps + 2; ++i) {
+    CHECK(cudaEventRecord(a));
+    CHECK(cudaMemcpyAsync(outs[i % outs.size()], ins[i % ins.size()], bytes, cudaMemcpyDeviceToDevice));
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    float ms;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    if (i >= 2) t.push_back(ms);
+  }
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
+  return median(t);
+}
+
+int main(int argc, char** argv) {
+  std::vector<Case> cases;
+  if (argc >= 7) {
+    Case c{argv[1], std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]), std::atoll(argv[5]),
+           std::atoi(argv[6]), false, 0};
+    for (int i = 7; i < argc; ++i) {
+      if (!std::strcmp(argv[i], "causal")) c.causal = true;
+      else if (!std::strncmp(argv[i], "window=", 7)) c.window = std::atoll(argv[i] + 7);
+      else { std::fprintf(stderr, "unknown flag %s\n", argv[i]); return 2; }
+    }
+    if (c.elem != 2 && c.elem != 4) { std::fprintf(stderr, "BYTES: 2 or 4\n"); return 2; }
+    cases.push_back(c);
+  } else if (argc == 1) {
+    // The local shapes of the public table's cases (launch/benchlib.py); operands left out.
+    cases = {{"bloom176b-prefill-tp2", 1, 56, 2048, 2048, 2, true, 0},
+             {"gpt-prefill-b8", 8, 16, 1024, 1024, 2, true, 0},
+             {"bert-b32-s512", 32, 16, 512, 512, 2, false, 0},
+             {"long-8k", 1, 16, 8192, 8192, 2, true, 0},
+             {"window-4k-w1k", 2, 16, 4096, 4096, 2, true, 1024},
+             {"fp32-alibi-s512", 4, 16, 512, 512, 4, true, 0}};
+  } else {
+    std::fprintf(stderr, "usage: %s [NAME B H Q K BYTES [causal] [window=N]]\n", argv[0]);
+    return 2;
+  }
+  int dev;
+  CHECK(cudaGetDevice(&dev));
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, dev));
+  const int reps = 30;
+
+  // The copy bandwidth, as the bench measures it: a 1024 MiB copy, bytes read + written.
+  const size_t kCopyBytes = size_t(1) << 30;
+  std::vector<uint4*> cin(2), cout_(2);
+  for (auto& p : cin) CHECK(cudaMalloc(&p, kCopyBytes));
+  for (auto& p : cout_) CHECK(cudaMalloc(&p, kCopyBytes));
+  const double copy_ms = time_memcpy(kCopyBytes, 10, cin, cout_);
+  const double bw = 2.0 * kCopyBytes / (copy_ms * 1e-3);  // bytes / s
+  for (auto p : cin) CHECK(cudaFree(p));
+  for (auto p : cout_) CHECK(cudaFree(p));
+  int* sink;
+  CHECK(cudaMalloc(&sink, sizeof(int)));
+
+  std::printf("pattern probe: %s, copy bandwidth %.1f GB/s (1024 MiB a copy)\n", prop.name, bw * 1e-9);
+  std::printf("%-22s %-8s %9s %8s %6s   (eff = floor at the copy bandwidth / time)\n", "case", "mode", "ms",
+              "GB/s", "eff");
+  for (const Case& c : cases) {
+    Shape s{c.B * c.H * c.Q, c.Q, c.K, c.elem, c.causal, c.window};
+    if ((c.K * c.elem) % 16 != 0) { std::fprintf(stderr, "%s: rows not whole 16-byte chunks\n", c.name.c_str()); return 2; }
+    int64_t visible = 0;
+    for (int64_t i = 0; i < c.Q; ++i) {
+      int64_t lo, hi;
+      visible_span(s, i, &lo, &hi);
+      visible += std::max<int64_t>(0, hi - lo);
+    }
+    const double read_bytes = double(visible) * c.B * c.H * c.elem;
+    const double write_bytes = double(s.rows) * c.K * c.elem;
+    const double floor_bytes = read_bytes + write_bytes;
+    const size_t bytes = size_t(s.rows) * c.K * c.elem;
+    const int sets = static_cast<int>(std::max<size_t>(1, ((size_t(512) << 20) + 2 * bytes - 1) / (2 * bytes)));
+    std::vector<uint4*> ins(sets), outs(sets);
+    for (auto& p : ins) {
+      CHECK(cudaMalloc(&p, bytes));
+      CHECK(cudaMemset(p, 0x3c, bytes));
+    }
+    for (auto& p : outs) CHECK(cudaMalloc(&p, bytes));
+    // The masked copy moves what it should: poisoned outputs, then every chunk of a spread of
+    // rows checked (the chunks of visible keys hold the input's bytes, the others zeros).
+    {
+      CHECK(cudaMemset(outs[0], 0xff, bytes));
+      int per_sm, sms;
+      CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, masked_copy<4, kCopy>, 256, 0));
+      CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+      masked_copy<4, kCopy><<<sms * per_sm, 256>>>(ins[0], outs[0], s, sink);
+      CHECK(cudaGetLastError());
+      const int64_t nch = c.K * c.elem / 16, vpc = 16 / c.elem;
+      std::vector<uint8_t> h(size_t(nch) * 16);
+      for (int64_t r = 0; r < s.rows; r += std::max<int64_t>(1, s.rows / 257)) {
+        CHECK(cudaMemcpy(h.data(), reinterpret_cast<uint8_t*>(outs[0]) + size_t(r) * nch * 16, h.size(),
+                         cudaMemcpyDeviceToHost));
+        int64_t lo, hi;
+        visible_span(s, r % s.Q, &lo, &hi);
+        const int64_t c_lo = lo / vpc, c_hi = hi > lo ? (hi + vpc - 1) / vpc : c_lo;
+        for (int64_t ch = 0; ch < nch; ++ch)
+          for (int b = 0; b < 16; ++b)
+            if (h[size_t(ch) * 16 + b] != (ch >= c_lo && ch < c_hi ? 0x3c : 0)) {
+              std::fprintf(stderr, "%s: row %lld chunk %lld wrong\n", c.name.c_str(), (long long)r, (long long)ch);
+              return 1;
+            }
+      }
+    }
+    auto row = [&](const char* mode, double ms, double moved) {
+      const bool whole = std::strcmp(mode, "read") != 0 && std::strcmp(mode, "write") != 0;
+      std::printf("%-22s %-8s %9.4f %8.1f ", c.name.c_str(), mode, ms, moved / (ms * 1e-3) * 1e-9);
+      if (whole) std::printf("%6.3f\n", floor_bytes / bw / (ms * 1e-3));
+      else std::printf("%6s\n", "-");
+    };
+    const double mc = time_memcpy(static_cast<size_t>(floor_bytes / 2) / 16 * 16, reps, ins, outs);
+    row("copy", mc, floor_bytes);
+    for (int u : {4, 8}) {
+      const double t = u == 4 ? time_mode<4>(kCopy, ins, outs, s, sink, reps) : time_mode<8>(kCopy, ins, outs, s, sink, reps);
+      row(u == 4 ? "masked4" : "masked8", t, floor_bytes);
+    }
+    row("read", time_mode<8>(kRead, ins, outs, s, sink, reps), read_bytes);
+    row("write", time_mode<8>(kWrite, ins, outs, s, sink, reps), write_bytes);
+    for (auto p : ins) CHECK(cudaFree(p));
+    for (auto p : outs) CHECK(cudaFree(p));
+  }
+  CHECK(cudaFree(sink));
+  return 0;
+}
