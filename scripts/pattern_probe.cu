@@ -4,9 +4,12 @@
 // operands aside): each row reads the 16-byte chunks that hold its visible keys (causal and
 // window, bottom-right aligned as the op's) and writes every chunk of its output (the chunks it
 // read, zeros elsewhere). A warp takes one row at a time, rows in order, every chunk load of a
-// group before its stores, streaming cache hints. Also timed: the reads alone, the writes alone,
-// and a device copy (cudaMemcpyAsync) of half the floor's bytes, as launch/bench.py's "copy"
-// (the reads and the writes alone: GB/s of their own bytes, no efficiency).
+// group before its stores, streaming cache hints ("masked4", "masked8": 4 or 8 chunks a lane).
+// "flat2", "flat4": the same bytes in the order of a device copy, the grid's threads on
+// consecutive chunks of the flattened output, 2 or 4 chunks a thread a pass (K and Q powers of
+// two). Also timed: the reads alone and the writes alone of both orders ("read", "write",
+// "flat-rd", "flat-wr": GB/s of their own bytes, no efficiency), and a device copy
+// (cudaMemcpyAsync) of half the floor's bytes, as launch/bench.py's "copy".
 // Each time is the median of CUDA-event timings over rotating buffer sets (more than 512 MiB in
 // all); the efficiency is floor / (copy bandwidth) / time, as in the bench, with the copy
 // bandwidth of a 1024 MiB copy measured in the same run.
@@ -88,6 +91,43 @@ __global__ void __launch_bounds__(256) masked_copy(const uint4* __restrict__ in,
   if (MODE == kRead && acc == 0x9e3779b9u) atomicAdd(sink, 1);  // keeps the loads
 }
 
+// The same bytes, in the order of a device copy: the threads of the grid take consecutive chunks
+// of the flattened [rows, K] output, U a thread a pass (16-byte chunks of whole rows; nch and Q
+// powers of two, so that a chunk's row and query are shifts and masks).
+template <int U, int MODE>
+__global__ void __launch_bounds__(256) flat_copy(const uint4* __restrict__ in, uint4* __restrict__ out, Shape s,
+                                                 int nch_log2, int q_log2, int* sink) {
+  const int vpc = 16 / s.elem;
+  const int64_t total = s.rows << nch_log2;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x * U;
+  uint32_t acc = 0;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x * U; base < total; base += step) {
+    uint4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t g = base + u * blockDim.x + threadIdx.x;
+      v[u] = make_uint4(0, 0, 0, 0);
+      if (MODE != kWrite && g < total) {
+        const int64_t row = g >> nch_log2;
+        const int64_t c = g & ((int64_t(1) << nch_log2) - 1);
+        int64_t lo, hi;
+        visible_span(s, row & ((int64_t(1) << q_log2) - 1), &lo, &hi);
+        if (hi > lo && c >= lo / vpc && c < (hi + vpc - 1) / vpc) v[u] = __ldcs(in + g);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t g = base + u * blockDim.x + threadIdx.x;
+      if (MODE == kRead) {
+        acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+      } else if (g < total) {
+        __stcs(out + g, v[u]);
+      }
+    }
+  }
+  if (MODE == kRead && acc == 0x9e3779b9u) atomicAdd(sink, 1);  // keeps the loads
+}
+
 struct Case {
   std::string name;
   int64_t B, H, Q, K;
@@ -101,26 +141,37 @@ static double median(std::vector<float> v) {
   return v[v.size() / 2];
 }
 
-template <int U>
-static double time_mode(int mode, const std::vector<uint4*>& ins, const std::vector<uint4*>& outs, const Shape& s,
-                        int* sink, int reps) {
+static int log2_exact(int64_t v) {  // -1 unless a power of two
+  int l = 0;
+  while ((int64_t(1) << l) < v) ++l;
+  return (int64_t(1) << l) == v ? l : -1;
+}
+
+// Launches variant (FLAT, U, MODE) on every resident block slot of the GPU.
+template <bool FLAT, int U, int MODE>
+static void launch_variant(const uint4* in, uint4* out, const Shape& s, int* sink) {
   int dev, sms, per_sm = 0;
   CHECK(cudaGetDevice(&dev));
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  if constexpr (FLAT) {
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, flat_copy<U, MODE>, 256, 0));
+    flat_copy<U, MODE><<<sms * per_sm, 256>>>(in, out, s, log2_exact(s.K * s.elem / 16), log2_exact(s.Q), sink);
+  } else {
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, masked_copy<U, MODE>, 256, 0));
+    masked_copy<U, MODE><<<sms * per_sm, 256>>>(in, out, s, sink);
+  }
+  CHECK(cudaGetLastError());
+}
+
+template <bool FLAT, int U>
+static double time_mode(int mode, const std::vector<uint4*>& ins, const std::vector<uint4*>& outs, const Shape& s,
+                        int* sink, int reps) {
   auto launch = [&](int i) {
     const uint4* in = ins[i % ins.size()];
     uint4* out = outs[i % outs.size()];
-    if (mode == kCopy) {
-      CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, masked_copy<U, kCopy>, 256, 0));
-      masked_copy<U, kCopy><<<sms * per_sm, 256>>>(in, out, s, sink);
-    } else if (mode == kRead) {
-      CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, masked_copy<U, kRead>, 256, 0));
-      masked_copy<U, kRead><<<sms * per_sm, 256>>>(in, out, s, sink);
-    } else {
-      CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, masked_copy<U, kWrite>, 256, 0));
-      masked_copy<U, kWrite><<<sms * per_sm, 256>>>(in, out, s, sink);
-    }
-    CHECK(cudaGetLastError());
+    if (mode == kCopy) launch_variant<FLAT, U, kCopy>(in, out, s, sink);
+    else if (mode == kRead) launch_variant<FLAT, U, kRead>(in, out, s, sink);
+    else launch_variant<FLAT, U, kWrite>(in, out, s, sink);
   };
   cudaEvent_t a, b;
   CHECK(cudaEventCreate(&a));
@@ -227,13 +278,11 @@ int main(int argc, char** argv) {
     for (auto& p : outs) CHECK(cudaMalloc(&p, bytes));
     // The masked copy moves what it should: poisoned outputs, then every chunk of a spread of
     // rows checked (the chunks of visible keys hold the input's bytes, the others zeros).
-    {
+    const bool flat = log2_exact(c.K * c.elem / 16) >= 0 && log2_exact(c.Q) >= 0;
+    for (int variant = 0; variant < (flat ? 2 : 1); ++variant) {
       CHECK(cudaMemset(outs[0], 0xff, bytes));
-      int per_sm, sms;
-      CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, masked_copy<4, kCopy>, 256, 0));
-      CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-      masked_copy<4, kCopy><<<sms * per_sm, 256>>>(ins[0], outs[0], s, sink);
-      CHECK(cudaGetLastError());
+      if (variant == 0) launch_variant<false, 4, kCopy>(ins[0], outs[0], s, sink);
+      else launch_variant<true, 4, kCopy>(ins[0], outs[0], s, sink);
       const int64_t nch = c.K * c.elem / 16, vpc = 16 / c.elem;
       std::vector<uint8_t> h(size_t(nch) * 16);
       for (int64_t r = 0; r < s.rows; r += std::max<int64_t>(1, s.rows / 257)) {
@@ -245,25 +294,31 @@ int main(int argc, char** argv) {
         for (int64_t ch = 0; ch < nch; ++ch)
           for (int b = 0; b < 16; ++b)
             if (h[size_t(ch) * 16 + b] != (ch >= c_lo && ch < c_hi ? 0x3c : 0)) {
-              std::fprintf(stderr, "%s: row %lld chunk %lld wrong\n", c.name.c_str(), (long long)r, (long long)ch);
+              std::fprintf(stderr, "%s: %s copy: row %lld chunk %lld wrong\n", c.name.c_str(),
+                           variant ? "flat" : "masked", (long long)r, (long long)ch);
               return 1;
             }
       }
     }
     auto row = [&](const char* mode, double ms, double moved) {
-      const bool whole = std::strcmp(mode, "read") != 0 && std::strcmp(mode, "write") != 0;
+      const bool whole = std::strstr(mode, "read") == nullptr && std::strstr(mode, "write") == nullptr &&
+                         std::strstr(mode, "-rd") == nullptr && std::strstr(mode, "-wr") == nullptr;
       std::printf("%-22s %-8s %9.4f %8.1f ", c.name.c_str(), mode, ms, moved / (ms * 1e-3) * 1e-9);
       if (whole) std::printf("%6.3f\n", floor_bytes / bw / (ms * 1e-3));
       else std::printf("%6s\n", "-");
     };
     const double mc = time_memcpy(static_cast<size_t>(floor_bytes / 2) / 16 * 16, reps, ins, outs);
     row("copy", mc, floor_bytes);
-    for (int u : {4, 8}) {
-      const double t = u == 4 ? time_mode<4>(kCopy, ins, outs, s, sink, reps) : time_mode<8>(kCopy, ins, outs, s, sink, reps);
-      row(u == 4 ? "masked4" : "masked8", t, floor_bytes);
+    row("masked4", time_mode<false, 4>(kCopy, ins, outs, s, sink, reps), floor_bytes);
+    row("masked8", time_mode<false, 8>(kCopy, ins, outs, s, sink, reps), floor_bytes);
+    row("read", time_mode<false, 8>(kRead, ins, outs, s, sink, reps), read_bytes);
+    row("write", time_mode<false, 8>(kWrite, ins, outs, s, sink, reps), write_bytes);
+    if (flat) {
+      row("flat2", time_mode<true, 2>(kCopy, ins, outs, s, sink, reps), floor_bytes);
+      row("flat4", time_mode<true, 4>(kCopy, ins, outs, s, sink, reps), floor_bytes);
+      row("flat-rd", time_mode<true, 4>(kRead, ins, outs, s, sink, reps), read_bytes);
+      row("flat-wr", time_mode<true, 4>(kWrite, ins, outs, s, sink, reps), write_bytes);
     }
-    row("read", time_mode<8>(kRead, ins, outs, s, sink, reps), read_bytes);
-    row("write", time_mode<8>(kWrite, ins, outs, s, sink, reps), write_bytes);
     for (auto p : ins) CHECK(cudaFree(p));
     for (auto p : outs) CHECK(cudaFree(p));
   }
