@@ -4,10 +4,11 @@
 // operands aside): each row reads the 16-byte chunks that hold its visible keys (causal and
 // window, bottom-right aligned as the op's) and writes every chunk of its output (the chunks it
 // read, zeros elsewhere). A warp takes one row at a time, rows in order, every chunk load of a
-// group before its stores, streaming cache hints ("masked4", "masked8": 4 or 8 chunks a lane).
+// group before its stores, streaming cache hints ("masked4", "masked8": 4 or 8 chunks a lane;
+// "masked4p", "masked8p": the same without the hints).
 // "flat2", "flat4": the same bytes in the order of a device copy, the grid's threads on
 // consecutive chunks of the flattened output, 2 or 4 chunks a thread a pass (K and Q powers of
-// two). Also timed: the reads alone and the writes alone of both orders ("read", "write",
+// two; "flat4p" without the hints). Also timed: the reads alone and the writes alone of both orders ("read", "write",
 // "flat-rd", "flat-wr": GB/s of their own bytes, no efficiency), and a device copy
 // (cudaMemcpyAsync) of half the floor's bytes, as launch/bench.py's "copy".
 // Each time is the median of CUDA-event timings over rotating buffer sets (more than 512 MiB in
@@ -54,7 +55,20 @@ __host__ __device__ inline void visible_span(const Shape& s, int64_t i, int64_t*
 enum Mode { kCopy = 0, kRead = 1, kWrite = 2 };
 
 // U chunks a lane in flight: a warp moves 32 * U * 16 bytes of a row at once.
-template <int U, int MODE>
+// Loads and stores: with streaming hints (ld.global.cs / st.global.cs, as the op's stores), or
+// without (PLAIN).
+template <bool PLAIN>
+__device__ __forceinline__ uint4 load16(const uint4* p) {
+  if constexpr (PLAIN) return *p;
+  else return __ldcs(p);
+}
+template <bool PLAIN>
+__device__ __forceinline__ void store16(uint4* p, uint4 v) {
+  if constexpr (PLAIN) *p = v;
+  else __stcs(p, v);
+}
+
+template <int U, int MODE, bool PLAIN = false>
 __global__ void __launch_bounds__(256) masked_copy(const uint4* __restrict__ in, uint4* __restrict__ out,
                                                    Shape s, int* sink) {
   const int lane = threadIdx.x & 31;
@@ -75,7 +89,7 @@ __global__ void __launch_bounds__(256) masked_copy(const uint4* __restrict__ in,
       for (int u = 0; u < U; ++u) {
         const int64_t c = c0 + u * 32 + lane;
         v[u] = make_uint4(0, 0, 0, 0);
-        if (MODE != kWrite && c >= c_lo && c < c_hi) v[u] = __ldcs(src + c);
+        if (MODE != kWrite && c >= c_lo && c < c_hi) v[u] = load16<PLAIN>(src + c);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -83,7 +97,7 @@ __global__ void __launch_bounds__(256) masked_copy(const uint4* __restrict__ in,
         if (MODE == kRead) {
           acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
         } else if (c < nch) {
-          __stcs(dst + c, v[u]);
+          store16<PLAIN>(dst + c, v[u]);
         }
       }
     }
@@ -94,7 +108,7 @@ __global__ void __launch_bounds__(256) masked_copy(const uint4* __restrict__ in,
 // The same bytes, in the order of a device copy: the threads of the grid take consecutive chunks
 // of the flattened [rows, K] output, U a thread a pass (16-byte chunks of whole rows; nch and Q
 // powers of two, so that a chunk's row and query are shifts and masks).
-template <int U, int MODE>
+template <int U, int MODE, bool PLAIN = false>
 __global__ void __launch_bounds__(256) flat_copy(const uint4* __restrict__ in, uint4* __restrict__ out, Shape s,
                                                  int nch_log2, int q_log2, int* sink) {
   const int vpc = 16 / s.elem;
@@ -112,7 +126,7 @@ __global__ void __launch_bounds__(256) flat_copy(const uint4* __restrict__ in, u
         const int64_t c = g & ((int64_t(1) << nch_log2) - 1);
         int64_t lo, hi;
         visible_span(s, row & ((int64_t(1) << q_log2) - 1), &lo, &hi);
-        if (hi > lo && c >= lo / vpc && c < (hi + vpc - 1) / vpc) v[u] = __ldcs(in + g);
+        if (hi > lo && c >= lo / vpc && c < (hi + vpc - 1) / vpc) v[u] = load16<PLAIN>(in + g);
       }
     }
 #pragma unroll
@@ -121,7 +135,7 @@ __global__ void __launch_bounds__(256) flat_copy(const uint4* __restrict__ in, u
       if (MODE == kRead) {
         acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
       } else if (g < total) {
-        __stcs(out + g, v[u]);
+        store16<PLAIN>(out + g, v[u]);
       }
     }
   }
@@ -148,30 +162,30 @@ static int log2_exact(int64_t v) {  // -1 unless a power of two
 }
 
 // Launches variant (FLAT, U, MODE) on every resident block slot of the GPU.
-template <bool FLAT, int U, int MODE>
+template <bool FLAT, int U, int MODE, bool PLAIN = false>
 static void launch_variant(const uint4* in, uint4* out, const Shape& s, int* sink) {
   int dev, sms, per_sm = 0;
   CHECK(cudaGetDevice(&dev));
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   if constexpr (FLAT) {
-    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, flat_copy<U, MODE>, 256, 0));
-    flat_copy<U, MODE><<<sms * per_sm, 256>>>(in, out, s, log2_exact(s.K * s.elem / 16), log2_exact(s.Q), sink);
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, flat_copy<U, MODE, PLAIN>, 256, 0));
+    flat_copy<U, MODE, PLAIN><<<sms * per_sm, 256>>>(in, out, s, log2_exact(s.K * s.elem / 16), log2_exact(s.Q), sink);
   } else {
-    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, masked_copy<U, MODE>, 256, 0));
-    masked_copy<U, MODE><<<sms * per_sm, 256>>>(in, out, s, sink);
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, masked_copy<U, MODE, PLAIN>, 256, 0));
+    masked_copy<U, MODE, PLAIN><<<sms * per_sm, 256>>>(in, out, s, sink);
   }
   CHECK(cudaGetLastError());
 }
 
-template <bool FLAT, int U>
+template <bool FLAT, int U, bool PLAIN = false>
 static double time_mode(int mode, const std::vector<uint4*>& ins, const std::vector<uint4*>& outs, const Shape& s,
                         int* sink, int reps) {
   auto launch = [&](int i) {
     const uint4* in = ins[i % ins.size()];
     uint4* out = outs[i % outs.size()];
-    if (mode == kCopy) launch_variant<FLAT, U, kCopy>(in, out, s, sink);
-    else if (mode == kRead) launch_variant<FLAT, U, kRead>(in, out, s, sink);
-    else launch_variant<FLAT, U, kWrite>(in, out, s, sink);
+    if (mode == kCopy) launch_variant<FLAT, U, kCopy, PLAIN>(in, out, s, sink);
+    else if (mode == kRead) launch_variant<FLAT, U, kRead, PLAIN>(in, out, s, sink);
+    else launch_variant<FLAT, U, kWrite, PLAIN>(in, out, s, sink);
   };
   cudaEvent_t a, b;
   CHECK(cudaEventCreate(&a));
@@ -311,11 +325,14 @@ int main(int argc, char** argv) {
     row("copy", mc, floor_bytes);
     row("masked4", time_mode<false, 4>(kCopy, ins, outs, s, sink, reps), floor_bytes);
     row("masked8", time_mode<false, 8>(kCopy, ins, outs, s, sink, reps), floor_bytes);
+    row("masked4p", time_mode<false, 4, true>(kCopy, ins, outs, s, sink, reps), floor_bytes);
+    row("masked8p", time_mode<false, 8, true>(kCopy, ins, outs, s, sink, reps), floor_bytes);
     row("read", time_mode<false, 8>(kRead, ins, outs, s, sink, reps), read_bytes);
     row("write", time_mode<false, 8>(kWrite, ins, outs, s, sink, reps), write_bytes);
     if (flat) {
       row("flat2", time_mode<true, 2>(kCopy, ins, outs, s, sink, reps), floor_bytes);
       row("flat4", time_mode<true, 4>(kCopy, ins, outs, s, sink, reps), floor_bytes);
+      row("flat4p", time_mode<true, 4, true>(kCopy, ins, outs, s, sink, reps), floor_bytes);
       row("flat-rd", time_mode<true, 4>(kRead, ins, outs, s, sink, reps), read_bytes);
       row("flat-wr", time_mode<true, 4>(kWrite, ins, outs, s, sink, reps), write_bytes);
     }
