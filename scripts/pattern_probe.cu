@@ -19,14 +19,17 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90 scripts/pattern_probe.cu -o /tmp/pattern_probe
 //   /tmp/pattern_probe                      the causal cases of the public table, and bert
 //   /tmp/pattern_probe NAME B H Q K BYTES [causal] [window=N]    one case
+//   /tmp/pattern_probe --engine             does the device copy need the SMs (engine_check)
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #define CHECK(x)                                                                              \
@@ -225,7 +228,64 @@ static double time_memcpy(size_t bytes, int reps, const std::vector<uint4*>& ins
   return median(t);
 }
 
+// Every thread of the grid spins on the global timer for `ns` nanoseconds.
+__global__ void hog(uint64_t ns) {
+  uint64_t t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
+}
+
+// Does cudaMemcpyAsync (device to device) need the SMs? A 1024 MiB copy timed alone, then again
+// on another stream while a kernel holds every thread slot of every SM and spins for 20x as long
+// as the copy took; a copy that needs the SMs waits for that kernel. Also a 1024 MiB copy by the
+// probe's flat kernel (no hints, every chunk read).
+static int engine_check() {
+  const size_t bytes = size_t(1) << 30;
+  uint4 *a, *b;
+  CHECK(cudaMalloc(&a, bytes));
+  CHECK(cudaMalloc(&b, bytes));
+  CHECK(cudaMemset(a, 1, bytes));
+  std::vector<uint4*> ins{a}, outs{b};
+  const double alone = time_memcpy(bytes, 10, ins, outs);
+  int dev, sms, per_sm;
+  CHECK(cudaGetDevice(&dev));
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, hog, 1024, 0));
+  cudaStream_t hs, cs;
+  CHECK(cudaStreamCreateWithFlags(&hs, cudaStreamNonBlocking));
+  CHECK(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+  const uint64_t spin_ns = static_cast<uint64_t>(alone * 1e6 * 20);
+  hog<<<sms * per_sm, 1024, 0, hs>>>(spin_ns);
+  CHECK(cudaGetLastError());
+  // (the host waits a copy's time, so that the spinning kernel holds every SM)
+  std::this_thread::sleep_for(std::chrono::microseconds(static_cast<int64_t>(alone * 1e3) + 100));
+  CHECK(cudaEventRecord(e0, cs));
+  CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, cs));
+  CHECK(cudaEventRecord(e1, cs));
+  CHECK(cudaDeviceSynchronize());
+  float during;
+  CHECK(cudaEventElapsedTime(&during, e0, e1));
+  std::printf("engine check: 1024 MiB device copy alone %.4f ms (%.1f GB/s read + written)\n", alone,
+              2.0 * bytes / (alone * 1e-3) * 1e-9);
+  std::printf("engine check: the same copy while %d x 1024 threads spin for %.1f ms: %.4f ms -> %s\n",
+              sms * per_sm, spin_ns * 1e-6, during,
+              during < 2 * alone ? "it does not wait for the SMs (copy engine)" : "it waited for the SMs");
+  Shape flat{int64_t(bytes / 4096), int64_t(bytes / 4096), 2048, 2, false, 0};
+  const double sm = time_mode<true, 4, true>(kCopy, ins, outs, flat, nullptr, 10);
+  std::printf("engine check: 1024 MiB copied by the probe's flat kernel: %.4f ms (%.1f GB/s)\n", sm,
+              2.0 * bytes / (sm * 1e-3) * 1e-9);
+  CHECK(cudaFree(a));
+  CHECK(cudaFree(b));
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 2 && !std::strcmp(argv[1], "--engine")) return engine_check();
   std::vector<Case> cases;
   if (argc >= 7) {
     Case c{argv[1], std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]), std::atoll(argv[5]),
