@@ -16,7 +16,7 @@
 // bandwidth of a 1024 MiB copy measured in the same run.
 //
 // Build and run on the GPU machine (seconds):
-//   nvcc -std=c++17 -O3 -arch=sm_90 scripts/pattern_probe.cu -o /tmp/pattern_probe
+//   nvcc -std=c++17 -O3 -arch=sm_90 -Icsrc/kernels scripts/pattern_probe.cu -o /tmp/pattern_probe
 //   /tmp/pattern_probe                      the causal cases of the public table, and bert
 //   /tmp/pattern_probe NAME B H Q K BYTES [causal] [window=N]    one case
 //   /tmp/pattern_probe --engine             does the device copy need the SMs (engine_check)
@@ -28,9 +28,24 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "common.cuh"  // the kernels' bulk-copy and mbarrier helpers (-Icsrc/kernels)
+
+using tp_softmax::detail::bulk_commit;
+using tp_softmax::detail::bulk_copy;
+using tp_softmax::detail::bulk_store;
+using tp_softmax::detail::bulk_wait;
+using tp_softmax::detail::bulk_wait_read;
+using tp_softmax::detail::l2_policy;
+using tp_softmax::detail::mbar_arrive_expect_tx;
+using tp_softmax::detail::mbar_fence_init;
+using tp_softmax::detail::mbar_init;
+using tp_softmax::detail::mbar_wait;
+using tp_softmax::detail::smem_u32;
 
 #define CHECK(x)                                                                              \
   do {                                                                                        \
@@ -228,6 +243,76 @@ static double time_memcpy(size_t bytes, int reps, const std::vector<uint4*>& ins
   return median(t);
 }
 
+// A plain copy of `n` 16-byte chunks, each block its own contiguous slab, U chunks a thread a pass.
+template <int U>
+__global__ void __launch_bounds__(256) slab_copy(const uint4* __restrict__ in, uint4* __restrict__ out, int64_t n) {
+  const int64_t per = (n + gridDim.x - 1) / gridDim.x;
+  const int64_t lo = blockIdx.x * per, hi = lo + per < n ? lo + per : n;
+  for (int64_t base = lo; base < hi; base += int64_t(blockDim.x) * U) {
+    uint4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t g = base + u * blockDim.x + threadIdx.x;
+      if (g < hi) v[u] = in[g];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t g = base + u * blockDim.x + threadIdx.x;
+      if (g < hi) out[g] = v[u];
+    }
+  }
+}
+
+// A plain copy by the bulk copy engine, as the op moves its rows: pieces of `kPiece` bytes, piece
+// p to block p % blocks; one thread a block keeps S pieces in flight (global -> shared with an
+// mbarrier each), sends each piece on from shared memory with a bulk store, and refills its stage
+// once that store has read it.
+constexpr int kPiece = 32768;
+template <int S>
+__global__ void tma_copy(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t pieces) {
+  extern __shared__ __align__(128) uint8_t stage[];
+  __shared__ __align__(8) uint64_t full[S];
+  if (threadIdx.x != 0) return;
+  const uint64_t pol = l2_policy<true>();
+  for (int s = 0; s < S; ++s) mbar_init(smem_u32(&full[s]), 1);
+  mbar_fence_init();
+  const int64_t nb = gridDim.x;
+  auto issue = [&](int s, int64_t p) {
+    mbar_arrive_expect_tx(smem_u32(&full[s]), kPiece);
+    bulk_copy(smem_u32(stage + s * kPiece), in + p * kPiece, kPiece, smem_u32(&full[s]), pol);
+  };
+  for (int s = 0; s < S; ++s)
+    if (blockIdx.x + s * nb < pieces) issue(s, blockIdx.x + s * nb);
+  uint32_t phase = 0;
+  int s = 0;
+  for (int64_t p = blockIdx.x; p < pieces; p += nb) {
+    mbar_wait(smem_u32(&full[s]), phase);
+    bulk_store(out + p * kPiece, smem_u32(stage + s * kPiece), kPiece, pol);
+    bulk_commit();
+    const int64_t next = p + S * nb;
+    if (next < pieces) {
+      bulk_wait_read();
+      issue(s, next);
+    }
+    if (++s == S) {
+      s = 0;
+      phase ^= 1u;
+    }
+  }
+  bulk_wait();
+}
+
+// Chunk i holds (i, 3i + 1, ~i, i ^ 0x5a5a5a5a) in its low bits: a copy that moves a chunk to the
+// wrong place shows.
+__host__ __device__ inline uint4 chunk_pattern(int64_t i) {
+  const uint32_t v = static_cast<uint32_t>(i);
+  return make_uint4(v, 3 * v + 1, ~v, v ^ 0x5a5a5a5au);
+}
+__global__ void fill_pattern(uint4* p, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = chunk_pattern(i);
+}
+
 // Every thread of the grid spins on the global timer for `ns` nanoseconds.
 __global__ void hog(uint64_t ns) {
   uint64_t t0, t;
@@ -240,13 +325,15 @@ __global__ void hog(uint64_t ns) {
 // Does cudaMemcpyAsync (device to device) need the SMs? A 1024 MiB copy timed alone, then again
 // on another stream while a kernel holds every thread slot of every SM and spins for 20x as long
 // as the copy took; a copy that needs the SMs waits for that kernel. Also a 1024 MiB copy by the
-// probe's flat kernel (no hints, every chunk read).
+// the same bytes by kernels of a few designs: 16-byte loads and stores in the flat order or a slab
+// a block, and bulk copies through shared memory, as the op moves its rows.
 static int engine_check() {
   const size_t bytes = size_t(1) << 30;
   uint4 *a, *b;
   CHECK(cudaMalloc(&a, bytes));
   CHECK(cudaMalloc(&b, bytes));
-  CHECK(cudaMemset(a, 1, bytes));
+  fill_pattern<<<1024, 256>>>(a, bytes / 16);
+  CHECK(cudaGetLastError());
   std::vector<uint4*> ins{a}, outs{b};
   const double alone = time_memcpy(bytes, 10, ins, outs);
   int dev, sms, per_sm;
@@ -275,10 +362,61 @@ static int engine_check() {
   std::printf("engine check: the same copy while %d x 1024 threads spin for %.1f ms: %.4f ms -> %s\n",
               sms * per_sm, spin_ns * 1e-6, during,
               during < 2 * alone ? "it does not wait for the SMs (copy engine)" : "it waited for the SMs");
+  // The same 1024 MiB by kernels of a few designs, each checked against the input.
   Shape flat{int64_t(bytes / 4096), int64_t(bytes / 4096), 2048, 2, false, 0};
-  const double sm = time_mode<true, 4, true>(kCopy, ins, outs, flat, nullptr, 10);
-  std::printf("engine check: 1024 MiB copied by the probe's flat kernel: %.4f ms (%.1f GB/s)\n", sm,
-              2.0 * bytes / (sm * 1e-3) * 1e-9);
+  const int64_t n16 = bytes / 16;
+  CHECK(cudaFuncSetAttribute(tma_copy<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, 6 * kPiece));
+  CHECK(cudaFuncSetAttribute(tma_copy<3>, cudaFuncAttributeMaxDynamicSharedMemorySize, 3 * kPiece));
+  int slab_per_sm;
+  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&slab_per_sm, slab_copy<4>, 256, 0));
+  struct Design {
+    const char* name;
+    std::function<void()> run;
+  };
+  const uint8_t* a8 = reinterpret_cast<const uint8_t*>(a);
+  uint8_t* b8 = reinterpret_cast<uint8_t*>(b);
+  std::vector<Design> designs = {
+      {"flat, 4 chunks a thread", [&] { launch_variant<true, 4, kCopy, true>(a, b, flat, nullptr); }},
+      {"flat, 8 chunks a thread", [&] { launch_variant<true, 8, kCopy, true>(a, b, flat, nullptr); }},
+      {"slab a block, 4 chunks a thread", [&] { slab_copy<4><<<sms * slab_per_sm, 256>>>(a, b, n16); }},
+      {"bulk copies, 1 block an SM x 6 pieces of 32 KiB",
+       [&] { tma_copy<6><<<sms, 32, 6 * kPiece>>>(a8, b8, bytes / kPiece); }},
+      {"bulk copies, 2 blocks an SM x 3 pieces of 32 KiB",
+       [&] { tma_copy<3><<<2 * sms, 32, 3 * kPiece>>>(a8, b8, bytes / kPiece); }},
+  };
+  std::vector<uint4> got(256);
+  cudaEvent_t t0, t1;
+  CHECK(cudaEventCreate(&t0));
+  CHECK(cudaEventCreate(&t1));
+  for (const Design& d : designs) {
+    CHECK(cudaMemset(b, 0xff, bytes));
+    d.run();
+    CHECK(cudaGetLastError());
+    CHECK(cudaDeviceSynchronize());
+    for (size_t off = 0; off < bytes; off += bytes / 61 / 4096 * 4096) {
+      CHECK(cudaMemcpy(got.data(), b8 + off, 4096, cudaMemcpyDeviceToHost));
+      for (int i = 0; i < 256; ++i) {
+        const uint4 w = chunk_pattern(static_cast<int64_t>(off / 16) + i);
+        if (got[i].x != w.x || got[i].y != w.y || got[i].z != w.z || got[i].w != w.w) {
+          std::fprintf(stderr, "engine check: %s: wrong bytes at %zu\n", d.name, off + 16 * i);
+          return 1;
+        }
+      }
+    }
+    std::vector<float> t;
+    for (int i = 0; i < 12; ++i) {
+      CHECK(cudaEventRecord(t0));
+      d.run();
+      CHECK(cudaEventRecord(t1));
+      CHECK(cudaEventSynchronize(t1));
+      float ms;
+      CHECK(cudaEventElapsedTime(&ms, t0, t1));
+      if (i >= 2) t.push_back(ms);
+    }
+    const double ms = median(t);
+    std::printf("engine check: 1024 MiB copied by a kernel, %-48s %.4f ms (%.1f GB/s, %.3f of the device copy)\n",
+                d.name, ms, 2.0 * bytes / (ms * 1e-3) * 1e-9, alone / ms);
+  }
   CHECK(cudaFree(a));
   CHECK(cudaFree(b));
   return 0;
