@@ -8,7 +8,8 @@
 // "masked4p", "masked8p": the same without the hints).
 // "flat2", "flat4": the same bytes in the order of a device copy, the grid's threads on
 // consecutive chunks of the flattened output, 2 or 4 chunks a thread a pass (K and Q powers of
-// two; "flat4p" without the hints). Also timed: the reads alone and the writes alone of both orders ("read", "write",
+// two; "flat4p" without the hints). "bulk6": the same bytes by the bulk copy engine, as the op moves
+// its rows (tma_masked). Also timed: the reads alone and the writes alone of both orders ("read", "write",
 // "flat-rd", "flat-wr": GB/s of their own bytes, no efficiency), and a device copy
 // (cudaMemcpyAsync) of half the floor's bytes, as launch/bench.py's "copy".
 // Each time is the median of CUDA-event timings over rotating buffer sets (more than 512 MiB in
@@ -302,6 +303,116 @@ __global__ void tma_copy(const uint8_t* __restrict__ in, uint8_t* __restrict__ o
   bulk_wait();
 }
 
+// The masked copy by the bulk copy engine, as the op moves its rows: pieces of `rpp` whole rows
+// (at most kPiece bytes), piece p to block p % blocks, one thread a block with S pieces in flight.
+// Each row's visible chunks come into the stage by one bulk copy; its output leaves by bulk
+// stores: the visible chunks from the stage, the hidden ones from a row of zeros kept in shared
+// memory. The stage is refilled once those stores have read it.
+template <int S>
+__global__ void tma_masked(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, Shape s, int rpp) {
+  extern __shared__ __align__(128) uint8_t stage[];
+  __shared__ __align__(8) uint64_t full[S];
+  const int64_t rb = s.K * s.elem;  // bytes a row
+  uint8_t* zeros = stage + S * kPiece;
+  for (int64_t i = threadIdx.x; i < rb / 16; i += blockDim.x) reinterpret_cast<uint4*>(zeros)[i] = make_uint4(0, 0, 0, 0);
+  tp_softmax::detail::fence_proxy_async_smem();
+  __syncwarp();
+  if (threadIdx.x != 0) return;
+  const uint64_t pol = l2_policy<true>();
+  for (int i = 0; i < S; ++i) mbar_init(smem_u32(&full[i]), 1);
+  mbar_fence_init();
+  const int vpc = 16 / s.elem;
+  const int64_t nch = s.K / vpc, nb = gridDim.x, pieces = (s.rows + rpp - 1) / rpp;
+  auto span = [&](int64_t row, int64_t* c_lo, int64_t* c_hi) {
+    int64_t lo, hi;
+    visible_span(s, row % s.Q, &lo, &hi);
+    *c_lo = hi > lo ? lo / vpc : 0;
+    *c_hi = hi > lo ? (hi + vpc - 1) / vpc : 0;
+  };
+  auto issue = [&](int st, int64_t p) {
+    uint32_t tx = 0;
+    for (int r = 0; r < rpp && p * rpp + r < s.rows; ++r) {
+      int64_t c_lo, c_hi;
+      span(p * rpp + r, &c_lo, &c_hi);
+      tx += static_cast<uint32_t>(c_hi - c_lo) * 16u;
+    }
+    mbar_arrive_expect_tx(smem_u32(&full[st]), tx);
+    for (int r = 0; r < rpp && p * rpp + r < s.rows; ++r) {
+      const int64_t row = p * rpp + r;
+      int64_t c_lo, c_hi;
+      span(row, &c_lo, &c_hi);
+      if (c_hi > c_lo)
+        bulk_copy(smem_u32(stage + st * kPiece + r * rb + c_lo * 16), in + row * rb + c_lo * 16,
+                  static_cast<uint32_t>(c_hi - c_lo) * 16u, smem_u32(&full[st]), pol);
+    }
+  };
+  for (int st = 0; st < S; ++st)
+    if (blockIdx.x + st * nb < pieces) issue(st, blockIdx.x + st * nb);
+  uint32_t phase = 0;
+  int st = 0;
+  for (int64_t p = blockIdx.x; p < pieces; p += nb) {
+    mbar_wait(smem_u32(&full[st]), phase);
+    for (int r = 0; r < rpp && p * rpp + r < s.rows; ++r) {
+      const int64_t row = p * rpp + r;
+      int64_t c_lo, c_hi;
+      span(row, &c_lo, &c_hi);
+      uint8_t* dst = out + row * rb;
+      if (c_hi > c_lo) {
+        if (c_lo > 0) bulk_store(dst, smem_u32(zeros), static_cast<uint32_t>(c_lo) * 16u, pol);
+        bulk_store(dst + c_lo * 16, smem_u32(stage + st * kPiece + r * rb + c_lo * 16),
+                   static_cast<uint32_t>(c_hi - c_lo) * 16u, pol);
+        if (c_hi < nch) bulk_store(dst + c_hi * 16, smem_u32(zeros), static_cast<uint32_t>(nch - c_hi) * 16u, pol);
+      } else {
+        bulk_store(dst, smem_u32(zeros), static_cast<uint32_t>(rb), pol);
+      }
+    }
+    bulk_commit();
+    const int64_t next = p + S * nb;
+    if (next < pieces) {
+      bulk_wait_read();
+      issue(st, next);
+    }
+    if (++st == S) {
+      st = 0;
+      phase ^= 1u;
+    }
+  }
+  bulk_wait();
+}
+
+// tma_masked with 6 pieces in flight, one block an SM (rows of at most kPiece bytes).
+static void launch_bulk(const uint4* in, uint4* out, const Shape& s) {
+  int dev, sms;
+  CHECK(cudaGetDevice(&dev));
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t rb = s.K * s.elem;
+  const int smem = static_cast<int>(6 * kPiece + rb);
+  CHECK(cudaFuncSetAttribute(tma_masked<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  tma_masked<6><<<sms, 32, smem>>>(reinterpret_cast<const uint8_t*>(in), reinterpret_cast<uint8_t*>(out), s,
+                                   static_cast<int>(kPiece / rb));
+  CHECK(cudaGetLastError());
+}
+
+static double time_bulk(const std::vector<uint4*>& ins, const std::vector<uint4*>& outs, const Shape& s, int reps) {
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) launch_bulk(ins[i % ins.size()], outs[i % outs.size()], s);
+  std::vector<float> t;
+  for (int i = 0; i < reps; ++i) {
+    CHECK(cudaEventRecord(a));
+    launch_bulk(ins[(i + 3) % ins.size()], outs[(i + 3) % outs.size()], s);
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    float ms;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms);
+  }
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
+  return median(t);
+}
+
 // Chunk i holds (i, 3i + 1, ~i, i ^ 0x5a5a5a5a) in its low bits: a copy that moves a chunk to the
 // wrong place shows.
 __host__ __device__ inline uint4 chunk_pattern(int64_t i) {
@@ -485,31 +596,36 @@ int main(int argc, char** argv) {
     std::vector<uint4*> ins(sets), outs(sets);
     for (auto& p : ins) {
       CHECK(cudaMalloc(&p, bytes));
-      CHECK(cudaMemset(p, 0x3c, bytes));
+      fill_pattern<<<1024, 256>>>(p, bytes / 16);
+      CHECK(cudaGetLastError());
     }
     for (auto& p : outs) CHECK(cudaMalloc(&p, bytes));
-    // The masked copy moves what it should: poisoned outputs, then every chunk of a spread of
-    // rows checked (the chunks of visible keys hold the input's bytes, the others zeros).
+    // The copies move what they should: a patterned input, poisoned outputs, then every chunk of a
+    // spread of rows checked (the chunks of visible keys hold the input's, the others zeros).
     const bool flat = log2_exact(c.K * c.elem / 16) >= 0 && log2_exact(c.Q) >= 0;
-    for (int variant = 0; variant < (flat ? 2 : 1); ++variant) {
+    const bool bulk = c.K * c.elem <= kPiece;
+    for (int variant = 0; variant < 3; ++variant) {
+      if ((variant == 1 && !flat) || (variant == 2 && !bulk)) continue;
       CHECK(cudaMemset(outs[0], 0xff, bytes));
       if (variant == 0) launch_variant<false, 4, kCopy>(ins[0], outs[0], s, sink);
-      else launch_variant<true, 4, kCopy>(ins[0], outs[0], s, sink);
+      else if (variant == 1) launch_variant<true, 4, kCopy>(ins[0], outs[0], s, sink);
+      else launch_bulk(ins[0], outs[0], s);
+      CHECK(cudaDeviceSynchronize());
       const int64_t nch = c.K * c.elem / 16, vpc = 16 / c.elem;
-      std::vector<uint8_t> h(size_t(nch) * 16);
+      std::vector<uint4> h(nch);
       for (int64_t r = 0; r < s.rows; r += std::max<int64_t>(1, s.rows / 257)) {
-        CHECK(cudaMemcpy(h.data(), reinterpret_cast<uint8_t*>(outs[0]) + size_t(r) * nch * 16, h.size(),
-                         cudaMemcpyDeviceToHost));
+        CHECK(cudaMemcpy(h.data(), outs[0] + r * nch, h.size() * 16, cudaMemcpyDeviceToHost));
         int64_t lo, hi;
         visible_span(s, r % s.Q, &lo, &hi);
         const int64_t c_lo = lo / vpc, c_hi = hi > lo ? (hi + vpc - 1) / vpc : c_lo;
-        for (int64_t ch = 0; ch < nch; ++ch)
-          for (int b = 0; b < 16; ++b)
-            if (h[size_t(ch) * 16 + b] != (ch >= c_lo && ch < c_hi ? 0x3c : 0)) {
+        for (int64_t ch = 0; ch < nch; ++ch) {
+          const uint4 w = ch >= c_lo && ch < c_hi ? chunk_pattern(r * nch + ch) : make_uint4(0, 0, 0, 0);
+          if (h[ch].x != w.x || h[ch].y != w.y || h[ch].z != w.z || h[ch].w != w.w) {
               std::fprintf(stderr, "%s: %s copy: row %lld chunk %lld wrong\n", c.name.c_str(),
-                           variant ? "flat" : "masked", (long long)r, (long long)ch);
-              return 1;
-            }
+                           variant == 2 ? "bulk" : variant ? "flat" : "masked", (long long)r, (long long)ch);
+            return 1;
+          }
+        }
       }
     }
     auto row = [&](const char* mode, double ms, double moved) {
@@ -527,6 +643,7 @@ int main(int argc, char** argv) {
     row("masked8p", time_mode<false, 8, true>(kCopy, ins, outs, s, sink, reps), floor_bytes);
     row("read", time_mode<false, 8>(kRead, ins, outs, s, sink, reps), read_bytes);
     row("write", time_mode<false, 8>(kWrite, ins, outs, s, sink, reps), write_bytes);
+    if (bulk) row("bulk6", time_bulk(ins, outs, s, reps), floor_bytes);
     if (flat) {
       row("flat2", time_mode<true, 2>(kCopy, ins, outs, s, sink, reps), floor_bytes);
       row("flat4", time_mode<true, 4>(kCopy, ins, outs, s, sink, reps), floor_bytes);
