@@ -304,47 +304,47 @@ __global__ void tma_copy(const uint8_t* __restrict__ in, uint8_t* __restrict__ o
 }
 
 // The masked copy by the bulk copy engine, as the op moves its rows: pieces of `rpp` whole rows
-// (at most kPiece bytes), piece p to block p % blocks, one thread a block with S pieces in flight.
-// Each row's visible chunks come into the stage by one bulk copy; its output leaves by bulk
-// stores: the visible chunks from the stage, the hidden ones from a row of zeros kept in shared
-// memory. The stage is refilled once those stores have read it.
+// (at most 32 rows and kPiece bytes), piece p to block p % blocks, one warp a block with S pieces
+// in flight, lane r for row r of a piece. Each row's visible chunks come into the stage by one bulk
+// copy; its output leaves by bulk stores, the visible chunks from the stage and the hidden ones
+// from a row of zeros kept in shared memory. The stage is refilled once those stores have read it.
 template <int S>
-__global__ void tma_masked(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, Shape s, int rpp) {
+__global__ void __launch_bounds__(32) tma_masked(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, Shape s,
+                                                 int rpp) {
   extern __shared__ __align__(128) uint8_t stage[];
   __shared__ __align__(8) uint64_t full[S];
+  const int lane = threadIdx.x;
   const int64_t rb = s.K * s.elem;  // bytes a row
   uint8_t* zeros = stage + S * kPiece;
-  for (int64_t i = threadIdx.x; i < rb / 16; i += blockDim.x) reinterpret_cast<uint4*>(zeros)[i] = make_uint4(0, 0, 0, 0);
+  for (int64_t i = lane; i < rb / 16; i += 32) reinterpret_cast<uint4*>(zeros)[i] = make_uint4(0, 0, 0, 0);
   tp_softmax::detail::fence_proxy_async_smem();
+  if (lane == 0) {
+    for (int i = 0; i < S; ++i) mbar_init(smem_u32(&full[i]), 1);
+    mbar_fence_init();
+  }
   __syncwarp();
-  if (threadIdx.x != 0) return;
   const uint64_t pol = l2_policy<true>();
-  for (int i = 0; i < S; ++i) mbar_init(smem_u32(&full[i]), 1);
-  mbar_fence_init();
   const int vpc = 16 / s.elem;
   const int64_t nch = s.K / vpc, nb = gridDim.x, pieces = (s.rows + rpp - 1) / rpp;
-  auto span = [&](int64_t row, int64_t* c_lo, int64_t* c_hi) {
+  // This lane's row of piece p and its visible chunks [c_lo, c_hi); false past the last row.
+  auto my_row = [&](int64_t p, int64_t* row, int64_t* c_lo, int64_t* c_hi) {
+    *row = p * rpp + lane;
+    if (lane >= rpp || *row >= s.rows) return false;
     int64_t lo, hi;
-    visible_span(s, row % s.Q, &lo, &hi);
+    visible_span(s, *row % s.Q, &lo, &hi);
     *c_lo = hi > lo ? lo / vpc : 0;
     *c_hi = hi > lo ? (hi + vpc - 1) / vpc : 0;
+    return true;
   };
   auto issue = [&](int st, int64_t p) {
-    uint32_t tx = 0;
-    for (int r = 0; r < rpp && p * rpp + r < s.rows; ++r) {
-      int64_t c_lo, c_hi;
-      span(p * rpp + r, &c_lo, &c_hi);
-      tx += static_cast<uint32_t>(c_hi - c_lo) * 16u;
-    }
-    mbar_arrive_expect_tx(smem_u32(&full[st]), tx);
-    for (int r = 0; r < rpp && p * rpp + r < s.rows; ++r) {
-      const int64_t row = p * rpp + r;
-      int64_t c_lo, c_hi;
-      span(row, &c_lo, &c_hi);
-      if (c_hi > c_lo)
-        bulk_copy(smem_u32(stage + st * kPiece + r * rb + c_lo * 16), in + row * rb + c_lo * 16,
-                  static_cast<uint32_t>(c_hi - c_lo) * 16u, smem_u32(&full[st]), pol);
-    }
+    int64_t row, c_lo = 0, c_hi = 0;
+    const bool mine = my_row(p, &row, &c_lo, &c_hi);
+    const uint32_t tx = __reduce_add_sync(0xffffffffu, mine ? static_cast<uint32_t>(c_hi - c_lo) * 16u : 0u);
+    if (lane == 0) mbar_arrive_expect_tx(smem_u32(&full[st]), tx);
+    __syncwarp();
+    if (mine && c_hi > c_lo)
+      bulk_copy(smem_u32(stage + st * kPiece + lane * rb + c_lo * 16), in + row * rb + c_lo * 16,
+                static_cast<uint32_t>(c_hi - c_lo) * 16u, smem_u32(&full[st]), pol);
   };
   for (int st = 0; st < S; ++st)
     if (blockIdx.x + st * nb < pieces) issue(st, blockIdx.x + st * nb);
@@ -352,24 +352,23 @@ __global__ void tma_masked(const uint8_t* __restrict__ in, uint8_t* __restrict__
   int st = 0;
   for (int64_t p = blockIdx.x; p < pieces; p += nb) {
     mbar_wait(smem_u32(&full[st]), phase);
-    for (int r = 0; r < rpp && p * rpp + r < s.rows; ++r) {
-      const int64_t row = p * rpp + r;
-      int64_t c_lo, c_hi;
-      span(row, &c_lo, &c_hi);
+    int64_t row, c_lo, c_hi;
+    if (my_row(p, &row, &c_lo, &c_hi)) {
       uint8_t* dst = out + row * rb;
       if (c_hi > c_lo) {
         if (c_lo > 0) bulk_store(dst, smem_u32(zeros), static_cast<uint32_t>(c_lo) * 16u, pol);
-        bulk_store(dst + c_lo * 16, smem_u32(stage + st * kPiece + r * rb + c_lo * 16),
+        bulk_store(dst + c_lo * 16, smem_u32(stage + st * kPiece + lane * rb + c_lo * 16),
                    static_cast<uint32_t>(c_hi - c_lo) * 16u, pol);
         if (c_hi < nch) bulk_store(dst + c_hi * 16, smem_u32(zeros), static_cast<uint32_t>(nch - c_hi) * 16u, pol);
       } else {
         bulk_store(dst, smem_u32(zeros), static_cast<uint32_t>(rb), pol);
       }
+      bulk_commit();
     }
-    bulk_commit();
     const int64_t next = p + S * nb;
     if (next < pieces) {
       bulk_wait_read();
+      __syncwarp();
       issue(st, next);
     }
     if (++st == S) {
@@ -389,7 +388,7 @@ static void launch_bulk(const uint4* in, uint4* out, const Shape& s) {
   const int smem = static_cast<int>(6 * kPiece + rb);
   CHECK(cudaFuncSetAttribute(tma_masked<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   tma_masked<6><<<sms, 32, smem>>>(reinterpret_cast<const uint8_t*>(in), reinterpret_cast<uint8_t*>(out), s,
-                                   static_cast<int>(kPiece / rb));
+                                   static_cast<int>(kPiece / rb < 32 ? kPiece / rb : 32));
   CHECK(cudaGetLastError());
 }
 
