@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "common.cuh"  // the kernels' bulk-copy and mbarrier helpers (-Icsrc/kernels)
+#include "probe_util.cuh"
 
 using tp_softmax::detail::bulk_commit;
 using tp_softmax::detail::bulk_copy;
@@ -48,14 +49,6 @@ using tp_softmax::detail::mbar_init;
 using tp_softmax::detail::mbar_wait;
 using tp_softmax::detail::smem_u32;
 
-#define CHECK(x)                                                                              \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
 
 struct Shape {
   int64_t rows, Q, K;
@@ -169,11 +162,6 @@ struct Case {
   int64_t window;
 };
 
-static double median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 static int log2_exact(int64_t v) {  // -1 unless a power of two
   int l = 0;
   while ((int64_t(1) << l) < v) ++l;
@@ -199,49 +187,23 @@ static void launch_variant(const uint4* in, uint4* out, const Shape& s, int* sin
 template <bool FLAT, int U, bool PLAIN = false>
 static double time_mode(int mode, const std::vector<uint4*>& ins, const std::vector<uint4*>& outs, const Shape& s,
                         int* sink, int reps) {
-  auto launch = [&](int i) {
-    const uint4* in = ins[i % ins.size()];
-    uint4* out = outs[i % outs.size()];
-    if (mode == kCopy) launch_variant<FLAT, U, kCopy, PLAIN>(in, out, s, sink);
-    else if (mode == kRead) launch_variant<FLAT, U, kRead, PLAIN>(in, out, s, sink);
-    else launch_variant<FLAT, U, kWrite, PLAIN>(in, out, s, sink);
-  };
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) launch(i);
-  std::vector<float> t;
-  for (int i = 0; i < reps; ++i) {
-    CHECK(cudaEventRecord(a));
-    launch(i + 3);
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    float ms;
-    CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  CHECK(cudaEventDestroy(a));
-  CHECK(cudaEventDestroy(b));
-  return median(t);
+  return time_launches(
+      [&](int i) {
+        const uint4* in = ins[i % ins.size()];
+        uint4* out = outs[i % outs.size()];
+        if (mode == kCopy) launch_variant<FLAT, U, kCopy, PLAIN>(in, out, s, sink);
+        else if (mode == kRead) launch_variant<FLAT, U, kRead, PLAIN>(in, out, s, sink);
+        else launch_variant<FLAT, U, kWrite, PLAIN>(in, out, s, sink);
+      },
+      reps, 3);
 }
 
 static double time_memcpy(size_t bytes, int reps, const std::vector<uint4*>& ins, const std::vector<uint4*>& outs) {
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  std::vector<float> t;
-  for (int i = 0; i < reps + 2; ++i) {
-    CHECK(cudaEventRecord(a));
-    CHECK(cudaMemcpyAsync(outs[i % outs.size()], ins[i % ins.size()], bytes, cudaMemcpyDeviceToDevice));
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    float ms;
-    CHECK(cudaEventElapsedTime(&ms, a, b));
-    if (i >= 2) t.push_back(ms);
-  }
-  CHECK(cudaEventDestroy(a));
-  CHECK(cudaEventDestroy(b));
-  return median(t);
+  return time_launches(
+      [&](int i) {
+        CHECK(cudaMemcpyAsync(outs[i % outs.size()], ins[i % ins.size()], bytes, cudaMemcpyDeviceToDevice));
+      },
+      reps, 2);
 }
 
 // A plain copy of `n` 16-byte chunks, each block its own contiguous slab, U chunks a thread a pass.
@@ -269,6 +231,14 @@ __global__ void __launch_bounds__(256) slab_copy(const uint4* __restrict__ in, u
 // mbarrier each), sends each piece on from shared memory with a bulk store, and refills its stage
 // once that store has read it.
 constexpr int kPiece = 32768;
+// The ring of S stages: the next one, and the parity of its mbarrier's phase once past the last.
+template <int S>
+__device__ __forceinline__ void next_stage(int& s, uint32_t& phase) {
+  if (++s == S) {
+    s = 0;
+    phase ^= 1u;
+  }
+}
 template <int S>
 __global__ void tma_copy(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t pieces) {
   extern __shared__ __align__(128) uint8_t stage[];
@@ -295,10 +265,7 @@ __global__ void tma_copy(const uint8_t* __restrict__ in, uint8_t* __restrict__ o
       bulk_wait_read();
       issue(s, next);
     }
-    if (++s == S) {
-      s = 0;
-      phase ^= 1u;
-    }
+    next_stage<S>(s, phase);
   }
   bulk_wait();
 }
@@ -371,10 +338,7 @@ __global__ void __launch_bounds__(32) tma_masked(const uint8_t* __restrict__ in,
       __syncwarp();
       issue(st, next);
     }
-    if (++st == S) {
-      st = 0;
-      phase ^= 1u;
-    }
+    next_stage<S>(st, phase);
   }
   bulk_wait();
 }
@@ -393,23 +357,7 @@ static void launch_bulk(const uint4* in, uint4* out, const Shape& s) {
 }
 
 static double time_bulk(const std::vector<uint4*>& ins, const std::vector<uint4*>& outs, const Shape& s, int reps) {
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) launch_bulk(ins[i % ins.size()], outs[i % outs.size()], s);
-  std::vector<float> t;
-  for (int i = 0; i < reps; ++i) {
-    CHECK(cudaEventRecord(a));
-    launch_bulk(ins[(i + 3) % ins.size()], outs[(i + 3) % outs.size()], s);
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    float ms;
-    CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  CHECK(cudaEventDestroy(a));
-  CHECK(cudaEventDestroy(b));
-  return median(t);
+  return time_launches([&](int i) { launch_bulk(ins[i % ins.size()], outs[i % outs.size()], s); }, reps, 3);
 }
 
 // Chunk i holds (i, 3i + 1, ~i, i ^ 0x5a5a5a5a) in its low bits: a copy that moves a chunk to the
@@ -495,9 +443,6 @@ static int engine_check() {
        [&] { tma_copy<3><<<2 * sms, 32, 3 * kPiece>>>(a8, b8, bytes / kPiece); }},
   };
   std::vector<uint4> got(256);
-  cudaEvent_t t0, t1;
-  CHECK(cudaEventCreate(&t0));
-  CHECK(cudaEventCreate(&t1));
   for (const Design& d : designs) {
     CHECK(cudaMemset(b, 0xff, bytes));
     d.run();
@@ -513,17 +458,7 @@ static int engine_check() {
         }
       }
     }
-    std::vector<float> t;
-    for (int i = 0; i < 12; ++i) {
-      CHECK(cudaEventRecord(t0));
-      d.run();
-      CHECK(cudaEventRecord(t1));
-      CHECK(cudaEventSynchronize(t1));
-      float ms;
-      CHECK(cudaEventElapsedTime(&ms, t0, t1));
-      if (i >= 2) t.push_back(ms);
-    }
-    const double ms = median(t);
+    const double ms = time_launches([&](int) { d.run(); }, 10, 2);
     std::printf("engine check: 1024 MiB copied by a kernel, %-48s %.4f ms (%.1f GB/s, %.3f of the device copy)\n",
                 d.name, ms, 2.0 * bytes / (ms * 1e-3) * 1e-9, alone / ms);
   }

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "launch_typed.cuh"
+#include "probe_util.cuh"
 
 namespace tp_softmax {
 namespace detail {
@@ -39,14 +40,6 @@ using namespace tp_softmax;
 using detail::kTimelineSlots;
 using detail::kTimelineTiles;
 
-#define CHECK(x)                                                                            \
-  do {                                                                                      \
-    cudaError_t e_ = (x);                                                                   \
-    if (e_ != cudaSuccess) {                                                                \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                         \
-    }                                                                                       \
-  } while (0)
 
 __global__ void fill_random(uint16_t* p, size_t n16, uint32_t seed, bool f32) {
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n16; i += size_t{gridDim.x} * blockDim.x) {
@@ -69,12 +62,6 @@ __global__ void spin(long long cycles) {
   }
 }
 
-static double median(std::vector<double> v) {
-  if (v.empty()) return 0.0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static double pct(std::vector<double> v, double q) {
   if (v.empty()) return 0.0;
