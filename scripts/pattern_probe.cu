@@ -9,7 +9,8 @@
 // "flat2", "flat4": the same bytes in the order of a device copy, the grid's threads on
 // consecutive chunks of the flattened output, 2 or 4 chunks a thread a pass (K and Q powers of
 // two; "flat4p" without the hints). "bulk6": the same bytes by the bulk copy engine, as the op moves
-// its rows (tma_masked). Also timed: the reads alone and the writes alone of both orders ("read", "write",
+// its rows (tma_masked); "bulkcp", for cases that read every key: the plain copy of their bytes by
+// the bulk copy engine (tma_copy). Also timed: the reads alone and the writes alone of both orders ("read", "write",
 // "flat-rd", "flat-wr": GB/s of their own bytes, no efficiency), and a device copy
 // (cudaMemcpyAsync) of half the floor's bytes, as launch/bench.py's "copy".
 // Each time is the median of CUDA-event timings over rotating buffer sets (more than 512 MiB in
@@ -360,6 +361,17 @@ static double time_bulk(const std::vector<uint4*>& ins, const std::vector<uint4*
   return time_launches([&](int i) { launch_bulk(ins[i % ins.size()], outs[i % outs.size()], s); }, reps, 3);
 }
 
+// A plain copy of `bytes` (a multiple of kPiece) by tma_copy, one block an SM, 6 pieces in flight.
+static void launch_bulk_plain(const uint4* in, uint4* out, size_t bytes) {
+  int dev, sms;
+  CHECK(cudaGetDevice(&dev));
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  CHECK(cudaFuncSetAttribute(tma_copy<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, 6 * kPiece));
+  tma_copy<6><<<sms, 32, 6 * kPiece>>>(reinterpret_cast<const uint8_t*>(in), reinterpret_cast<uint8_t*>(out),
+                                       static_cast<int64_t>(bytes / kPiece));
+  CHECK(cudaGetLastError());
+}
+
 // Chunk i holds (i, 3i + 1, ~i, i ^ 0x5a5a5a5a) in its low bits: a copy that moves a chunk to the
 // wrong place shows.
 __host__ __device__ inline uint4 chunk_pattern(int64_t i) {
@@ -538,12 +550,15 @@ int main(int argc, char** argv) {
     // spread of rows checked (the chunks of visible keys hold the input's, the others zeros).
     const bool flat = log2_exact(c.K * c.elem / 16) >= 0 && log2_exact(c.Q) >= 0;
     const bool bulk = c.K * c.elem <= kPiece;
-    for (int variant = 0; variant < 3; ++variant) {
-      if ((variant == 1 && !flat) || (variant == 2 && !bulk)) continue;
+    const bool plain = !c.causal && c.window == 0 && bytes % kPiece == 0;
+    const char* names[] = {"masked", "flat", "bulk", "bulk plain"};
+    for (int variant = 0; variant < 4; ++variant) {
+      if ((variant == 1 && !flat) || (variant == 2 && !bulk) || (variant == 3 && !plain)) continue;
       CHECK(cudaMemset(outs[0], 0xff, bytes));
       if (variant == 0) launch_variant<false, 4, kCopy>(ins[0], outs[0], s, sink);
       else if (variant == 1) launch_variant<true, 4, kCopy>(ins[0], outs[0], s, sink);
-      else launch_bulk(ins[0], outs[0], s);
+      else if (variant == 2) launch_bulk(ins[0], outs[0], s);
+      else launch_bulk_plain(ins[0], outs[0], bytes);
       CHECK(cudaDeviceSynchronize());
       const int64_t nch = c.K * c.elem / 16, vpc = 16 / c.elem;
       std::vector<uint4> h(nch);
@@ -556,7 +571,7 @@ int main(int argc, char** argv) {
           const uint4 w = ch >= c_lo && ch < c_hi ? chunk_pattern(r * nch + ch) : make_uint4(0, 0, 0, 0);
           if (h[ch].x != w.x || h[ch].y != w.y || h[ch].z != w.z || h[ch].w != w.w) {
               std::fprintf(stderr, "%s: %s copy: row %lld chunk %lld wrong\n", c.name.c_str(),
-                           variant == 2 ? "bulk" : variant ? "flat" : "masked", (long long)r, (long long)ch);
+                           names[variant], (long long)r, (long long)ch);
             return 1;
           }
         }
@@ -578,6 +593,10 @@ int main(int argc, char** argv) {
     row("read", time_mode<false, 8>(kRead, ins, outs, s, sink, reps), read_bytes);
     row("write", time_mode<false, 8>(kWrite, ins, outs, s, sink, reps), write_bytes);
     if (bulk) row("bulk6", time_bulk(ins, outs, s, reps), floor_bytes);
+    if (plain)  // every key read: a plain copy
+      row("bulkcp", time_launches([&](int i) { launch_bulk_plain(ins[i % ins.size()], outs[i % outs.size()], bytes); },
+                                  reps, 3),
+          floor_bytes);
     if (flat) {
       row("flat2", time_mode<true, 2>(kCopy, ins, outs, s, sink, reps), floor_bytes);
       row("flat4", time_mode<true, 4>(kCopy, ins, outs, s, sink, reps), floor_bytes);
