@@ -383,14 +383,6 @@ __global__ void fill_pattern(uint4* p, int64_t n) {
     p[i] = chunk_pattern(i);
 }
 
-// Every thread of the grid spins on the global timer for `ns` nanoseconds.
-__global__ void hog(uint64_t ns) {
-  uint64_t t0, t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  do {
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  } while (t - t0 < ns);
-}
 
 // Does cudaMemcpyAsync (device to device) need the SMs? A 1024 MiB copy timed alone, then again
 // on another stream while a kernel holds every thread slot of every SM and spins for 20x as long
@@ -409,7 +401,7 @@ static int engine_check() {
   int dev, sms, per_sm;
   CHECK(cudaGetDevice(&dev));
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, hog, 1024, 0));
+  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, probe_spin, 1024, 0));
   cudaStream_t hs, cs;
   CHECK(cudaStreamCreateWithFlags(&hs, cudaStreamNonBlocking));
   CHECK(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
@@ -417,7 +409,7 @@ static int engine_check() {
   CHECK(cudaEventCreate(&e0));
   CHECK(cudaEventCreate(&e1));
   const uint64_t spin_ns = static_cast<uint64_t>(alone * 1e6 * 20);
-  hog<<<sms * per_sm, 1024, 0, hs>>>(spin_ns);
+  probe_spin<<<sms * per_sm, 1024, 0, hs>>>(spin_ns);
   CHECK(cudaGetLastError());
   // (the host waits a copy's time, so that the spinning kernel holds every SM)
   std::this_thread::sleep_for(std::chrono::microseconds(static_cast<int64_t>(alone * 1e3) + 100));

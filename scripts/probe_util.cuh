@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -27,8 +28,19 @@ static double median(std::vector<V> v) {
   return n % 2 ? double(v[n / 2]) : 0.5 * (double(v[n / 2 - 1]) + double(v[n / 2]));
 }
 
+// Every thread of the grid spins on the global timer for `ns` nanoseconds.
+__global__ void probe_spin(uint64_t ns) {
+  uint64_t t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
+}
+
 // The median in ms of `reps` calls of launch(i) (i counts from `warm`), each between two CUDA
-// events on the default stream, after `warm` untimed calls.
+// events on the default stream, after `warm` untimed calls. Before each timed call one thread
+// spins for 50 us, so that the events and the call are queued behind it: the time is the GPU's
+// from the end of the spin, without the host's launch latency in it.
 static double time_launches(const std::function<void(int)>& launch, int reps, int warm) {
   cudaEvent_t a, b;
   CHECK(cudaEventCreate(&a));
@@ -36,6 +48,7 @@ static double time_launches(const std::function<void(int)>& launch, int reps, in
   for (int i = 0; i < warm; ++i) launch(i);
   std::vector<float> t;
   for (int i = 0; i < reps; ++i) {
+    probe_spin<<<1, 1>>>(50000);
     CHECK(cudaEventRecord(a));
     launch(warm + i);
     CHECK(cudaGetLastError());
