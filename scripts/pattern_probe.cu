@@ -1,21 +1,26 @@
 // How fast can the data movement of a case go on this card, with no arithmetic at all?
 //
-// For a [B, H, Q, K] case, a masked copy moves exactly the bytes of the case's floor (the
+// For a [B, H, Q, K] case, each copy below moves exactly the bytes of the case's floor (the
 // operands aside): each row reads the 16-byte chunks that hold its visible keys (causal and
 // window, bottom-right aligned as the op's) and writes every chunk of its output (the chunks it
-// read, zeros elsewhere). A warp takes one row at a time, rows in order, every chunk load of a
-// group before its stores, streaming cache hints ("masked4", "masked8": 4 or 8 chunks a lane;
-// "masked4p", "masked8p": the same without the hints).
-// "flat2", "flat4": the same bytes in the order of a device copy, the grid's threads on
-// consecutive chunks of the flattened output, 2 or 4 chunks a thread a pass (K and Q powers of
-// two; "flat4p" without the hints). "bulk6": the same bytes by the bulk copy engine, as the op moves
-// its rows (tma_masked); "bulkcp", for cases that read every key: the plain copy of their bytes by
-// the bulk copy engine (tma_copy). Also timed: the reads alone and the writes alone of both orders ("read", "write",
-// "flat-rd", "flat-wr": GB/s of their own bytes, no efficiency), and a device copy
-// (cudaMemcpyAsync) of half the floor's bytes, as launch/bench.py's "copy".
+// read, zeros elsewhere).
+//   masked4, masked8    a warp a row at a time, rows in order, 4 or 8 chunks a lane loaded before
+//                       they are stored, streaming cache hints (masked4p, masked8p: none)
+//   flat2, flat4        the order of a device copy: the grid's threads on consecutive chunks of
+//                       the flattened output, 2 or 4 chunks a thread a pass (K and Q powers of
+//                       two; flat4p: no hints)
+//   bulk6               bulk copies through shared memory, as the op moves its rows (tma_masked)
+//   bulkcp              cases that read every key: the plain copy of their bytes by bulk copies
+//                       (tma_copy)
+//   read, write         the reads alone and the writes alone of masked8 (flat-rd, flat-wr: of
+//                       flat4); GB/s of their own bytes, no efficiency
+//   copy                a device copy (cudaMemcpyAsync) of half the floor's bytes, as
+//                       launch/bench.py's "copy"
+// Each copy's output is checked first (a patterned input, poisoned outputs, a spread of rows).
 // Each time is the median of CUDA-event timings over rotating buffer sets (more than 512 MiB in
-// all); the efficiency is floor / (copy bandwidth) / time, as in the bench, with the copy
-// bandwidth of a 1024 MiB copy measured in the same run.
+// all), every timed call queued behind a short spin so that the host's launch latency is not in
+// it (probe_util.cuh); the efficiency is floor / (copy bandwidth) / time, as in the bench, with
+// the copy bandwidth of a 1024 MiB copy measured in the same run.
 //
 // Build and run on the GPU machine (seconds):
 //   nvcc -std=c++17 -O3 -arch=sm_90 -Icsrc/kernels scripts/pattern_probe.cu -o /tmp/pattern_probe
@@ -50,7 +55,6 @@ using tp_softmax::detail::mbar_init;
 using tp_softmax::detail::mbar_wait;
 using tp_softmax::detail::smem_u32;
 
-
 struct Shape {
   int64_t rows, Q, K;
   int elem;        // bytes an element
@@ -67,7 +71,6 @@ __host__ __device__ inline void visible_span(const Shape& s, int64_t i, int64_t*
 
 enum Mode { kCopy = 0, kRead = 1, kWrite = 2 };
 
-// U chunks a lane in flight: a warp moves 32 * U * 16 bytes of a row at once.
 // Loads and stores: with streaming hints (ld.global.cs / st.global.cs, as the op's stores), or
 // without (PLAIN).
 template <bool PLAIN>
@@ -81,6 +84,7 @@ __device__ __forceinline__ void store16(uint4* p, uint4 v) {
   else __stcs(p, v);
 }
 
+// A warp a row; U chunks a lane in flight: a warp moves 32 * U * 16 bytes of a row at once.
 template <int U, int MODE, bool PLAIN = false>
 __global__ void __launch_bounds__(256) masked_copy(const uint4* __restrict__ in, uint4* __restrict__ out,
                                                    Shape s, int* sink) {
@@ -519,7 +523,10 @@ int main(int argc, char** argv) {
               "GB/s", "eff");
   for (const Case& c : cases) {
     Shape s{c.B * c.H * c.Q, c.Q, c.K, c.elem, c.causal, c.window};
-    if ((c.K * c.elem) % 16 != 0) { std::fprintf(stderr, "%s: rows not whole 16-byte chunks\n", c.name.c_str()); return 2; }
+    if ((c.K * c.elem) % 16 != 0) {
+      std::fprintf(stderr, "%s: rows not whole 16-byte chunks\n", c.name.c_str());
+      return 2;
+    }
     int64_t visible = 0;
     for (int64_t i = 0; i < c.Q; ++i) {
       int64_t lo, hi;
@@ -562,8 +569,8 @@ int main(int argc, char** argv) {
         for (int64_t ch = 0; ch < nch; ++ch) {
           const uint4 w = ch >= c_lo && ch < c_hi ? chunk_pattern(r * nch + ch) : make_uint4(0, 0, 0, 0);
           if (h[ch].x != w.x || h[ch].y != w.y || h[ch].z != w.z || h[ch].w != w.w) {
-              std::fprintf(stderr, "%s: %s copy: row %lld chunk %lld wrong\n", c.name.c_str(),
-                           names[variant], (long long)r, (long long)ch);
+            std::fprintf(stderr, "%s: %s copy: row %lld chunk %lld wrong\n", c.name.c_str(), names[variant],
+                         (long long)r, (long long)ch);
             return 1;
           }
         }
