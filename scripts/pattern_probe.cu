@@ -12,6 +12,9 @@
 //   bulk6               bulk copies through shared memory, as the op moves its rows (tma_masked)
 //   bulkcp              cases that read every key: the plain copy of their bytes by bulk copies
 //                       (tma_copy)
+//   clu, clu-meet       the same, rows longer than 32 KiB: with the op's structure for such rows,
+//                       a slice a block of a cluster; clu-meet with a cluster barrier a row
+//                       (cluster_copy)
 //   read, write         the reads alone and the writes alone of masked8 (flat-rd, flat-wr: of
 //                       flat4); GB/s of their own bytes, no efficiency
 //   copy                a device copy (cudaMemcpyAsync) of half the floor's bytes, as
@@ -48,6 +51,8 @@ using tp_softmax::detail::bulk_copy;
 using tp_softmax::detail::bulk_store;
 using tp_softmax::detail::bulk_wait;
 using tp_softmax::detail::bulk_wait_read;
+using tp_softmax::detail::cluster_arrive_relaxed;
+using tp_softmax::detail::cluster_wait;
 using tp_softmax::detail::l2_policy;
 using tp_softmax::detail::mbar_arrive_expect_tx;
 using tp_softmax::detail::mbar_fence_init;
@@ -376,6 +381,88 @@ static void launch_bulk_plain(const uint4* in, uint4* out, size_t bytes) {
   CHECK(cudaGetLastError());
 }
 
+// A plain copy with the op's structure for rows longer than a block's slice, and no arithmetic:
+// the blocks of a cluster each take a slice of a row (rank r the r-th), cluster c the rows c,
+// c + clusters, ...; one warp a block, S slices in flight (global -> shared with an mbarrier
+// each, shared -> global by a bulk store, the stage refilled once that store has read it). With
+// `meet`, the blocks of the cluster meet at a cluster barrier for each row once their slice has
+// come in and before they store it, as the op's blocks do to combine their partials.
+template <int S>
+__global__ void __launch_bounds__(32) cluster_copy(const uint8_t* __restrict__ in, uint8_t* __restrict__ out,
+                                                   int64_t rows, int64_t rb, int meet) {
+  extern __shared__ __align__(128) uint8_t stage[];
+  __shared__ __align__(8) uint64_t full[S];
+  const int lane = threadIdx.x;
+  const int cs = static_cast<int>(cooperative_groups::this_cluster().num_blocks());
+  const int rank = static_cast<int>(cooperative_groups::this_cluster().block_rank());
+  const uint32_t slice = static_cast<uint32_t>(rb / cs);
+  const int64_t cid = blockIdx.x / cs, ncl = gridDim.x / cs;
+  if (lane == 0) {
+    for (int i = 0; i < S; ++i) mbar_init(smem_u32(&full[i]), 1);
+    mbar_fence_init();
+  }
+  __syncwarp();
+  const uint64_t pol = l2_policy<true>();
+  auto issue = [&](int st, int64_t row) {
+    if (lane != 0) return;
+    mbar_arrive_expect_tx(smem_u32(&full[st]), slice);
+    bulk_copy(smem_u32(stage + st * slice), in + row * rb + rank * int64_t(slice), slice, smem_u32(&full[st]), pol);
+  };
+  for (int st = 0; st < S; ++st)
+    if (cid + st * ncl < rows) issue(st, cid + st * ncl);
+  uint32_t phase = 0;
+  int st = 0;
+  for (int64_t row = cid; row < rows; row += ncl) {
+    mbar_wait(smem_u32(&full[st]), phase);
+    if (meet) {
+      cluster_arrive_relaxed();
+      cluster_wait();
+    }
+    if (lane == 0) {
+      bulk_store(out + row * rb + rank * int64_t(slice), smem_u32(stage + st * slice), slice, pol);
+      bulk_commit();
+      if (row + S * ncl < rows) {
+        bulk_wait_read();
+        issue(st, row + S * ncl);
+      }
+    }
+    next_stage<S>(st, phase);
+  }
+  if (lane == 0) bulk_wait();
+}
+
+// The cluster size of cluster_copy for rows of `rb` bytes, as the op's for such rows: the
+// smallest power of two from 2 to 16 whose slices are at most kPiece bytes (0: none).
+static int cluster_blocks(int64_t rb) {
+  for (int cs = 2; cs <= 16; cs *= 2)
+    if (rb % (16 * cs) == 0 && rb / cs <= kPiece) return cs;
+  return 0;
+}
+
+// cluster_copy of `rows` rows of `rb` bytes, 3 slices in flight a block, as many clusters as fit.
+static void launch_cluster_copy(const uint4* in, uint4* out, int64_t rows, int64_t rb, bool meet) {
+  const int cs = cluster_blocks(rb);
+  const int smem = static_cast<int>(3 * (rb / cs));
+  CHECK(cudaFuncSetAttribute(cluster_copy<3>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  CHECK(cudaFuncSetAttribute(cluster_copy<3>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cs;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.blockDim = dim3(32);
+  cfg.dynamicSmemBytes = smem;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  cfg.gridDim = dim3(cs);
+  int clusters = 0;
+  CHECK(cudaOccupancyMaxActiveClusters(&clusters, cluster_copy<3>, &cfg));
+  cfg.gridDim = dim3(cs * clusters);
+  CHECK(cudaLaunchKernelEx(&cfg, cluster_copy<3>, reinterpret_cast<const uint8_t*>(in), reinterpret_cast<uint8_t*>(out),
+                           rows, rb, meet ? 1 : 0));
+}
+
 // Chunk i holds (i, 3i + 1, ~i, i ^ 0x5a5a5a5a) in its low bits: a copy that moves a chunk to the
 // wrong place shows.
 __host__ __device__ inline uint4 chunk_pattern(int64_t i) {
@@ -550,14 +637,20 @@ int main(int argc, char** argv) {
     const bool flat = log2_exact(c.K * c.elem / 16) >= 0 && log2_exact(c.Q) >= 0;
     const bool bulk = c.K * c.elem <= kPiece;
     const bool plain = !c.causal && c.window == 0 && bytes % kPiece == 0;
-    const char* names[] = {"masked", "flat", "bulk", "bulk plain"};
-    for (int variant = 0; variant < 4; ++variant) {
-      if ((variant == 1 && !flat) || (variant == 2 && !bulk) || (variant == 3 && !plain)) continue;
+    const int64_t rb = c.K * c.elem;
+    const bool clustered = plain && rb > kPiece && cluster_blocks(rb) > 0;
+    const char* names[] = {"masked", "flat", "bulk", "bulk plain", "cluster", "cluster, meeting"};
+    for (int variant = 0; variant < 6; ++variant) {
+      if ((variant == 1 && !flat) || (variant == 2 && !bulk) || (variant == 3 && !plain) ||
+          (variant >= 4 && !clustered))
+        continue;
       CHECK(cudaMemset(outs[0], 0xff, bytes));
       if (variant == 0) launch_variant<false, 4, kCopy>(ins[0], outs[0], s, sink);
       else if (variant == 1) launch_variant<true, 4, kCopy>(ins[0], outs[0], s, sink);
       else if (variant == 2) launch_bulk(ins[0], outs[0], s);
-      else launch_bulk_plain(ins[0], outs[0], bytes);
+      else if (variant == 3) launch_bulk_plain(ins[0], outs[0], bytes);
+      else launch_cluster_copy(ins[0], outs[0], s.rows, rb, variant == 5);
+      CHECK(cudaGetLastError());
       CHECK(cudaDeviceSynchronize());
       const int64_t nch = c.K * c.elem / 16, vpc = 16 / c.elem;
       std::vector<uint4> h(nch);
@@ -596,6 +689,14 @@ int main(int argc, char** argv) {
       row("bulkcp", time_launches([&](int i) { launch_bulk_plain(ins[i % ins.size()], outs[i % outs.size()], bytes); },
                                   reps, 3),
           floor_bytes);
+    if (clustered) {
+      for (int meet = 0; meet < 2; ++meet)
+        row(meet ? "clu-meet" : "clu",
+            time_launches(
+                [&](int i) { launch_cluster_copy(ins[i % ins.size()], outs[i % outs.size()], s.rows, rb, meet); },
+                reps, 3),
+            floor_bytes);
+    }
     if (flat) {
       row("flat2", time_mode<true, 2>(kCopy, ins, outs, s, sink, reps), floor_bytes);
       row("flat4", time_mode<true, 4>(kCopy, ins, outs, s, sink, reps), floor_bytes);
