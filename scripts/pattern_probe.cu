@@ -46,19 +46,7 @@
 #include "common.cuh"  // the kernels' bulk-copy and mbarrier helpers (-Icsrc/kernels)
 #include "probe_util.cuh"
 
-using tp_softmax::detail::bulk_commit;
-using tp_softmax::detail::bulk_copy;
-using tp_softmax::detail::bulk_store;
-using tp_softmax::detail::bulk_wait;
-using tp_softmax::detail::bulk_wait_read;
-using tp_softmax::detail::cluster_arrive_relaxed;
-using tp_softmax::detail::cluster_wait;
-using tp_softmax::detail::l2_policy;
-using tp_softmax::detail::mbar_arrive_expect_tx;
-using tp_softmax::detail::mbar_fence_init;
-using tp_softmax::detail::mbar_init;
-using tp_softmax::detail::mbar_wait;
-using tp_softmax::detail::smem_u32;
+using namespace tp_softmax::detail;  // bulk copies, mbarriers, cluster barriers
 
 struct Shape {
   int64_t rows, Q, K;
@@ -181,9 +169,8 @@ static int log2_exact(int64_t v) {  // -1 unless a power of two
 // Launches variant (FLAT, U, MODE) on every resident block slot of the GPU.
 template <bool FLAT, int U, int MODE, bool PLAIN = false>
 static void launch_variant(const uint4* in, uint4* out, const Shape& s, int* sink) {
-  int dev, sms, per_sm = 0;
-  CHECK(cudaGetDevice(&dev));
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = sm_count();
+  int per_sm = 0;
   if constexpr (FLAT) {
     CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, flat_copy<U, MODE, PLAIN>, 256, 0));
     flat_copy<U, MODE, PLAIN><<<sms * per_sm, 256>>>(in, out, s, log2_exact(s.K * s.elem / 16), log2_exact(s.Q), sink);
@@ -236,10 +223,6 @@ __global__ void __launch_bounds__(256) slab_copy(const uint4* __restrict__ in, u
   }
 }
 
-// A plain copy by the bulk copy engine, as the op moves its rows: pieces of `kPiece` bytes, piece
-// p to block p % blocks; one thread a block keeps S pieces in flight (global -> shared with an
-// mbarrier each), sends each piece on from shared memory with a bulk store, and refills its stage
-// once that store has read it.
 constexpr int kPiece = 32768;
 // The ring of S stages: the next one, and the parity of its mbarrier's phase once past the last.
 template <int S>
@@ -249,6 +232,11 @@ __device__ __forceinline__ void next_stage(int& s, uint32_t& phase) {
     phase ^= 1u;
   }
 }
+
+// A plain copy by the bulk copy engine, as the op moves its rows: pieces of `kPiece` bytes, piece
+// p to block p % blocks; one thread a block keeps S pieces in flight (global -> shared with an
+// mbarrier each), sends each piece on from shared memory with a bulk store, and refills its stage
+// once that store has read it.
 template <int S>
 __global__ void tma_copy(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t pieces) {
   extern __shared__ __align__(128) uint8_t stage[];
@@ -355,9 +343,7 @@ __global__ void __launch_bounds__(32) tma_masked(const uint8_t* __restrict__ in,
 
 // tma_masked with 6 pieces in flight, one block an SM (rows of at most kPiece bytes).
 static void launch_bulk(const uint4* in, uint4* out, const Shape& s) {
-  int dev, sms;
-  CHECK(cudaGetDevice(&dev));
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = sm_count();
   const int64_t rb = s.K * s.elem;
   const int smem = static_cast<int>(6 * kPiece + rb);
   CHECK(cudaFuncSetAttribute(tma_masked<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -366,15 +352,9 @@ static void launch_bulk(const uint4* in, uint4* out, const Shape& s) {
   CHECK(cudaGetLastError());
 }
 
-static double time_bulk(const std::vector<uint4*>& ins, const std::vector<uint4*>& outs, const Shape& s, int reps) {
-  return time_launches([&](int i) { launch_bulk(ins[i % ins.size()], outs[i % outs.size()], s); }, reps, 3);
-}
-
 // A plain copy of `bytes` (a multiple of kPiece) by tma_copy, one block an SM, 6 pieces in flight.
 static void launch_bulk_plain(const uint4* in, uint4* out, size_t bytes) {
-  int dev, sms;
-  CHECK(cudaGetDevice(&dev));
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = sm_count();
   CHECK(cudaFuncSetAttribute(tma_copy<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, 6 * kPiece));
   tma_copy<6><<<sms, 32, 6 * kPiece>>>(reinterpret_cast<const uint8_t*>(in), reinterpret_cast<uint8_t*>(out),
                                        static_cast<int64_t>(bytes / kPiece));
@@ -489,9 +469,8 @@ static int engine_check() {
   CHECK(cudaGetLastError());
   std::vector<uint4*> ins{a}, outs{b};
   const double alone = time_memcpy(bytes, 10, ins, outs);
-  int dev, sms, per_sm;
-  CHECK(cudaGetDevice(&dev));
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = sm_count();
+  int per_sm;
   CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, probe_spin, 1024, 0));
   cudaStream_t hs, cs;
   CHECK(cudaStreamCreateWithFlags(&hs, cudaStreamNonBlocking));
@@ -684,7 +663,9 @@ int main(int argc, char** argv) {
     row("masked8p", time_mode<false, 8, true>(kCopy, ins, outs, s, sink, reps), floor_bytes);
     row("read", time_mode<false, 8>(kRead, ins, outs, s, sink, reps), read_bytes);
     row("write", time_mode<false, 8>(kWrite, ins, outs, s, sink, reps), write_bytes);
-    if (bulk) row("bulk6", time_bulk(ins, outs, s, reps), floor_bytes);
+    if (bulk)
+      row("bulk6", time_launches([&](int i) { launch_bulk(ins[i % ins.size()], outs[i % outs.size()], s); }, reps, 3),
+          floor_bytes);
     if (plain)  // every key read: a plain copy
       row("bulkcp", time_launches([&](int i) { launch_bulk_plain(ins[i % ins.size()], outs[i % outs.size()], bytes); },
                                   reps, 3),

@@ -28,6 +28,17 @@ static double median(std::vector<V> v) {
   return n % 2 ? double(v[n / 2]) : 0.5 * (double(v[n / 2 - 1]) + double(v[n / 2]));
 }
 
+// The SMs of the current device (asked once).
+static int sm_count() {
+  static int sms = [] {
+    int dev, n;
+    CHECK(cudaGetDevice(&dev));
+    CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    return n;
+  }();
+  return sms;
+}
+
 // Every thread of the grid spins on the global timer for `ns` nanoseconds.
 __global__ void probe_spin(uint64_t ns) {
   uint64_t t0, t;
