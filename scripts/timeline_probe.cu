@@ -3,12 +3,13 @@
 // Rows without mask or bias (B x H x Q rows of K keys, contiguous): the kernel is built with its
 // timeline hooks (staged_kernel.cuh, TP_SOFTMAX_TIMELINE), so thread 0 of every block notes the
 // global timer when it enters, when its set-up is done, when its first tile's copies and all its
-// first copies are issued, for each tile when its data has arrived / its partial is combined
-// (cluster exchange included) / its stores are issued, and when it leaves. Printed: the launch
-// timed with CUDA events against a device copy of the same bytes (rotating buffers, medians),
-// then medians over 40 recorded launches of when the blocks reach those points and how much of
-// the span they are resident, for launches that follow another kernel and launches that follow
-// a launch of the same kernel.
+// first copies are issued, for each tile when its data has arrived / the block's own partial is
+// formed / the row's is (cluster exchange included) / its stores are issued, and when it leaves.
+// Printed: the launch timed with CUDA events against a device copy of the same bytes (rotating
+// buffers, medians), then medians over 40 recorded launches of when the blocks reach those points
+// and how much of the span they are resident, for launches that follow another kernel and
+// launches that follow a launch of the same kernel; per tile, the means of the block's own part
+// of the exchange column (its partial) and of the wait for the other blocks' partials.
 //
 // Build and run on the GPU machine (a few kernels only, about half a minute):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DTP_SOFTMAX_TIMELINE \
@@ -62,11 +63,17 @@ __global__ void spin(long long cycles) {
   }
 }
 
-
+// The q-quantile, and the mean (of marks 0.256 us apart, a mean resolves shorter spans than a
+// median does).
 static double pct(std::vector<double> v, double q) {
   if (v.empty()) return 0.0;
   std::sort(v.begin(), v.end());
   return v[static_cast<size_t>(q * (v.size() - 1) + 0.5)];
+}
+static double mean(const std::vector<double>& v) {
+  double t = 0;
+  for (double x : v) t += x;
+  return v.empty() ? 0.0 : t / v.size();
 }
 
 int main(int argc, char** argv) {
@@ -194,7 +201,8 @@ int main(int argc, char** argv) {
     std::vector<double> s_entry_max, s_setup, s_iss0, s_issued, s_first_med, s_first_max, s_done_min, s_done_med,
         s_done_max, s_resident, s_gran;
     std::vector<std::vector<double>> s_wait(kTimelineTiles), s_xchg(kTimelineTiles), s_write(kTimelineTiles),
-        s_stall(kTimelineTiles), s_xwait(kTimelineTiles), s_wphase(kTimelineTiles);
+        s_stall(kTimelineTiles), s_xwait(kTimelineTiles), s_wphase(kTimelineTiles), s_local(kTimelineTiles),
+        s_peers(kTimelineTiles);
     int nblocks = 0, nsms = 0, ntiles_seen = 0;
     for (int L = 0; L < kLaunches; ++L) {
       auto at = [&](int b, int s) { return tl[L * per_launch + static_cast<size_t>(b) * kTimelineSlots + s]; };
@@ -220,8 +228,8 @@ int main(int argc, char** argv) {
           if (at(b, s) != 0) all.push_back(static_cast<double>(at(b, s)));
         unsigned long long prev = at(b, detail::kTlIssued);
         for (int k = 0; k < kTimelineTiles; ++k) {
-          const unsigned long long w = at(b, detail::kTlTile + 3 * k), x = at(b, detail::kTlTile + 3 * k + 1),
-                                   wr = at(b, detail::kTlTile + 3 * k + 2);
+          const unsigned long long w = at(b, detail::kTlTile + 4 * k), own = at(b, detail::kTlTile + 4 * k + 1),
+                                   x = at(b, detail::kTlTile + 4 * k + 2), wr = at(b, detail::kTlTile + 4 * k + 3);
           if (w == 0) break;
           ntiles_seen = std::max(ntiles_seen, k + 1);
           s_wait[k].push_back(rel(w));
@@ -229,6 +237,8 @@ int main(int argc, char** argv) {
           s_write[k].push_back(rel(wr));
           s_stall[k].push_back((static_cast<double>(w) - static_cast<double>(prev)) / 1e3);
           s_xwait[k].push_back((static_cast<double>(x) - static_cast<double>(w)) / 1e3);
+          s_local[k].push_back((static_cast<double>(own) - static_cast<double>(w)) / 1e3);
+          s_peers[k].push_back((static_cast<double>(x) - static_cast<double>(own)) / 1e3);
           s_wphase[k].push_back((static_cast<double>(wr) - static_cast<double>(x)) / 1e3);
           prev = wr;
         }
@@ -264,12 +274,15 @@ int main(int argc, char** argv) {
     std::printf("  blocks done              %7.2f (first)  %7.2f (median)  %7.2f (last)\n", median(s_done_min),
                 median(s_done_med), median(s_done_max));
     std::printf("  resident block time / (blocks x span): %.3f\n", median(s_resident));
-    std::printf("  tile  blocks  arrived(med,p90)  combined(med)  stored(med)   wait for data  exchange  stores (med, p90)\n");
+    std::printf("  tile  blocks  arrived(med,p90)  combined(med)  stored(med)   wait for data  exchange  stores (med, p90)"
+                "   own partial  other blocks (mean, p90)\n");
     for (int k = 0; k < ntiles_seen; ++k)
-      std::printf("  %4d  %6zu  %7.2f %7.2f   %7.2f       %7.2f      %5.2f %5.2f   %5.2f %5.2f   %5.2f %5.2f\n", k,
+      std::printf("  %4d  %6zu  %7.2f %7.2f   %7.2f       %7.2f      %5.2f %5.2f   %5.2f %5.2f   %5.2f %5.2f"
+                  "   %5.2f %5.2f   %5.2f %5.2f\n", k,
                   s_wait[k].size() / kLaunches, median(s_wait[k]), pct(s_wait[k], 0.9), median(s_xchg[k]),
                   median(s_write[k]), median(s_stall[k]), pct(s_stall[k], 0.9), median(s_xwait[k]),
-                  pct(s_xwait[k], 0.9), median(s_wphase[k]), pct(s_wphase[k], 0.9));
+                  pct(s_xwait[k], 0.9), median(s_wphase[k]), pct(s_wphase[k], 0.9), mean(s_local[k]),
+                  pct(s_local[k], 0.9), mean(s_peers[k]), pct(s_peers[k], 0.9));
   };
   report("after another kernel", d_a);
   report("after itself", d_b);

@@ -361,11 +361,11 @@ __device__ __forceinline__ void produce_tiles(const SoftmaxParams& P, const Tile
 // notes the global timer at fixed points of its work in shared memory and writes them to
 // `timeline` when it leaves (kTimelineSlots a block: the SM, entry, set-up done, first tile's
 // copies issued, all first copies issued, for each of the first kTimelineTiles tiles the end of
-// its wait / exchange / writes, and the exit). Without the macro the hooks are empty and the
+// its wait / of the block's own partial / of the exchange / of its writes, and the exit). Without the macro the hooks are empty and the
 // kernels are the same code.
 constexpr int kTimelineTiles = 16;
 enum TimelineSlot : int {
-  kTlSm = 0, kTlEntry, kTlSetup, kTlIssued0, kTlIssued, kTlTile, kTlDone = kTlTile + 3 * kTimelineTiles,
+  kTlSm = 0, kTlEntry, kTlSetup, kTlIssued0, kTlIssued, kTlTile, kTlDone = kTlTile + 4 * kTimelineTiles,
   kTimelineSlots
 };
 #ifdef TP_SOFTMAX_TIMELINE
@@ -393,8 +393,10 @@ __device__ __forceinline__ void timeline_mark(int slot) {
 #else
 __device__ __forceinline__ void timeline_mark(int) {}
 #endif
-__device__ __forceinline__ void timeline_tile(int k, int what) {  // what: 0 wait, 1 exchange, 2 writes
-  if (k < kTimelineTiles) timeline_mark(kTlTile + 3 * k + what);
+// what: 0 the tile's data is here, 1 the block's partial is formed, 2 the row's is (the cluster
+// exchanged), 3 its stores are issued
+__device__ __forceinline__ void timeline_tile(int k, int what) {
+  if (k < kTimelineTiles) timeline_mark(kTlTile + 4 * k + what);
 }
 
 // ---- the kernel ----------------------------------------------------------------------------------
@@ -689,11 +691,12 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       st = CLUSTER ? combine_warps_max_first<NT / 32>(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5)
                    : combine_warps(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5);
     }
+    timeline_tile(k, 1);
     if (exchange) {
       if (k == 0) cluster_wait();  // every block of the cluster has set up its barriers
       st = sh.xc.combine(st, cluster, ts.rank, k);
     }
-    timeline_tile(k, 1);
+    timeline_tile(k, 2);
 
     // Write: every chunk of the slice, zeros where hidden.
     const Normaliser norm(st);
@@ -771,7 +774,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         store_strided<T, V, int>(r.out, P.out_stride[3], ch * V, static_cast<int>(P.K), y);
       }
     }
-    timeline_tile(k, 2);
+    timeline_tile(k, 3);
     if constexpr (ALIGNED) {
       // Every thread was done with stage s at the barrier above: refill it. (Here, not right after
       // the barrier, where the copy warp's work would add to the registers that hold the logits.)
