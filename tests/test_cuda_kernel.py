@@ -625,3 +625,50 @@ def test_long_rows_staged_same_bits_as_two_reads(case, capfd, monkeypatch):
     if kwargs.get("window") is not None:
         # keys before the window are written as zeros (their pieces are never copied)
         assert torch.equal(contiguous[..., :K // 2 - 8], torch.zeros_like(contiguous[..., :K // 2 - 8]))
+
+
+# Rows that see every key and lie K elements apart, on cluster rows (or one wide block) without
+# operands, take the WHOLE kernels (no row span worked out, no visibility tests); the same rows laid
+# out otherwise take the general ones. Name, dtype, B, H, Q, K, attention_softmax arguments.
+WHOLE_CASES = [
+    ("decode-cluster4", torch.bfloat16, 2, 3, 1, 65536, dict()),
+    ("decode-wide-causal", torch.float16, 2, 2, 1, 20000, dict(causal=True, layer_scale=0.7)),
+    ("window-over-K-f32", torch.float32, 1, 2, 2, 131072, dict(window=131072, layer_scale=-0.5)),
+    ("wide-cluster16", torch.bfloat16, 1, 2, 1, 300000, dict(layer_scale=0.125)),
+]
+
+
+@pytest.mark.parametrize("case", WHOLE_CASES, ids=lambda c: c[0])
+def test_whole_linear_rows_same_bits_as_general(case, capfd, monkeypatch):
+    _name, dtype, B, H, Q, K, kwargs = case
+    gen = torch.Generator(device="cuda").manual_seed(K + Q)
+    scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).mul_(4).to(dtype)
+    monkeypatch.setenv("TP_SOFTMAX_LAUNCH_INFO", "1")
+    capfd.readouterr()
+    whole = poisoned_call(scores, **kwargs)
+    info = launch_lines(capfd, "staged layout")
+    assert info and "whole linear rows" in info[-1], info
+    # rows 16 bytes further apart: still aligned, not linear
+    pad = 16 // scores.element_size()
+    spaced = torch.empty(B, H, Q, K + pad, device="cuda", dtype=dtype)[..., :K]
+    spaced.copy_(scores)
+    general = poisoned_call(spaced, **kwargs)
+    info = launch_lines(capfd, "staged layout")
+    assert info and "whole linear rows" not in info[-1], info
+    assert torch.equal(bits(whole), bits(general.contiguous()))
+    inplace = attention_softmax(scores.clone(), inplace=True, **kwargs)
+    assert torch.equal(bits(inplace), bits(whole))
+    check(whole, (scores,), kwargs, dtype)
+
+
+def test_rows_with_hidden_keys_take_the_general_kernels(capfd, monkeypatch):
+    # causal rows with more than one query hide keys; a window shorter than K does too
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    scores = torch.randn(1, 2, 3, 65536, device="cuda", generator=gen).to(torch.bfloat16)
+    monkeypatch.setenv("TP_SOFTMAX_LAUNCH_INFO", "1")
+    for kwargs in (dict(causal=True), dict(window=65535)):
+        capfd.readouterr()
+        out = poisoned_call(scores, **kwargs)
+        info = launch_lines(capfd, "staged layout")
+        assert info and "whole linear rows" not in info[-1], (kwargs, info)
+        check(out, (scores,), kwargs, torch.bfloat16)

@@ -129,11 +129,20 @@ __device__ __forceinline__ void divmod(U n, U d, U magic, U& q, U& r) {
   }
 }
 
+// Rows of a launch whose every row sees every key (rows_whole) and whose rows lie K elements apart
+// in the scores and in the outputs (rows_linear): row r starts at element r * K of both.
+struct LinearRows {};
+
 // Where row `row` of the scores starts, and which keys it sees (lo <= j <= hi; none if lo > hi).
 template <typename Pos>
 struct RowSpan {
   int64_t b, h, i;
   Pos p, lo, hi;  // p: absolute position of the query
+
+  // A row of LinearRows: every key visible; b, h and i are not worked out (rows without operands
+  // do not use them).
+  __device__ __forceinline__ RowSpan(const SoftmaxParams& P, LinearRows)
+      : b(0), h(0), i(0), p(static_cast<Pos>(P.K - 1)), lo(0), hi(static_cast<Pos>(P.K - 1)) {}
 
   __device__ __forceinline__ RowSpan(const SoftmaxParams& P, int64_t row) {
     if (P.rows32) {  // fewer than 2^31 rows: 32-bit multiplications instead of 64-bit ones
@@ -195,6 +204,16 @@ struct Row : RowSpan<Pos> {
       bias = static_cast<const BiasT*>(P.bias) +
              (b * P.bias_stride[0] + h * P.bias_stride[1] + i * P.bias_stride[2]);
     if constexpr (BK == BiasKind::kSlopes) slope = P.slopes[b * P.slopes_stride[0] + h * P.slopes_stride[1]];
+  }
+
+  // Row `row` of LinearRows, for rows without mask, bias or slopes.
+  __device__ __forceinline__ Row(const SoftmaxParams& P, int64_t row, LinearRows) : RowSpan<Pos>(P, LinearRows{}) {
+    static_assert(!kMask && BK == BiasKind::kNone, "linear rows carry no operands");
+    in = static_cast<const T*>(P.in) + row * P.K;
+    out = static_cast<T*>(P.out) + row * P.K;
+    mask = nullptr;
+    bias = nullptr;
+    slope = 0.0f;
   }
 
   __device__ __forceinline__ bool visible(Pos j0, int n) const { return j0 <= this->hi && j0 + n - 1 >= this->lo; }
@@ -275,8 +294,9 @@ __device__ __forceinline__ bool mask_byte_set(const Vec<uint8_t, V>& m, int e) {
 }
 
 // x for the V keys of chunk j0 from the scores `sv` and the chunk's operand values `m` / `b`
-// (already read: the mask and bias elements of keys j0 .. j0 + V - 1).
-template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos, bool RAW = false>
+// (already read: the mask and bias elements of keys j0 .. j0 + V - 1). HIDE = false: the caller
+// knows the row sees every key (no causal or window hiding to test).
+template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos, bool RAW = false, bool HIDE = true>
 __device__ __forceinline__ void chunk_logits_vals(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
                                                   const float (&sv)[V],
                                                   const Vec<typename Row<T, MK, BK, Pos>::MaskT, V>& m,
@@ -296,7 +316,7 @@ __device__ __forceinline__ void chunk_logits_vals(const SoftmaxParams& P, const 
     }
     x[e] = form_value<MK, BK, Pos, RAW>(sv[e], P.layer_scale, bb, mm, r.slope, r.p, j0 + e);
   }
-  hide_outside<V, Pos>(x, j0, r.lo, r.hi);
+  if constexpr (HIDE) hide_outside<V, Pos>(x, j0, r.lo, r.hi);
 }
 
 // The V operand elements at `p` (global or shared memory) as one vector.

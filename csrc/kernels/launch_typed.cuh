@@ -153,6 +153,21 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
       if constexpr (raw_logits<MK, BK>) {
         if (raw_scale(p.layer_scale)) kernel = pick(std::true_type{});
       }
+      // Cluster rows (and rows of one wide block) without operands, every row seeing every key and
+      // lying K elements apart: the WHOLE kernels, which neither work out a row's span nor test
+      // its keys' visibility (the same arithmetic, so the same bits).
+      bool whole = false;
+      if constexpr (MK == MaskKind::kNone && BK == BiasKind::kNone) {
+        whole = aligned && clustered && rows_whole(p) && rows_linear(p);
+        if (whole) {
+          auto pick_whole = [&](auto raw) {
+            constexpr bool RAW = decltype(raw)::value;
+            return wide ? staged_softmax_kernel<T, MK, BK, C, true, true, true, RAW, true>
+                        : staged_softmax_kernel<T, MK, BK, C, true, true, false, RAW, true>;
+          };
+          kernel = raw_scale(p.layer_scale) ? pick_whole(std::true_type{}) : pick_whole(std::false_type{});
+        }
+      }
       const StageLayout L = !aligned ? StageLayout{0, 0, kOpGlobal, kOpGlobal, 0, 0, 0, 0}
                             : wide   ? staged_layout<T, MK, BK, C, true>(p, cfg.row_threads, cfg.cluster)
                                      : staged_layout<T, MK, BK, C, false>(p, cfg.row_threads, cfg.cluster);
@@ -160,10 +175,10 @@ cudaError_t launch_typed(const SoftmaxParams& p, const RowConfig& cfg, bool alig
       const int smem = L.stages * (L.stage_bytes + L.table_bytes);
       if (aligned && std::getenv("TP_SOFTMAX_LAUNCH_INFO") != nullptr) {
         static const char* const kModes[] = {"global", "per row", "per head", "per batch"};
-        std::fprintf(stderr, "tp_softmax staged layout: mask %s, bias %s, %d stages of %d B%s\n",
+        std::fprintf(stderr, "tp_softmax staged layout: mask %s, bias %s, %d stages of %d B%s%s\n",
                      MK == MaskKind::kNone ? "none" : kModes[L.mask_mode + 1],
                      bias_is_tensor(BK) ? kModes[L.bias_mode + 1] : "none", L.stages, L.stage_bytes,
-                     L.whole_tile ? ", one copy per tile" : "");
+                     L.whole_tile ? ", one copy per tile" : "", whole ? ", whole linear rows" : "");
       }
       const int64_t rows_per_tile = cfg.block_threads / cfg.row_threads;  // compute threads / rt
       const int64_t ntiles = (rows + rows_per_tile - 1) / rows_per_tile;

@@ -80,6 +80,22 @@ struct SoftmaxParams {
   bool rows32;
 };
 
+// Every row sees every key: no causal hiding (or one query, which sees them all) and no window
+// shorter than K.
+inline bool rows_whole(const SoftmaxParams& p) {
+  return (!p.causal || p.Q <= 1) && (p.window == 0 || p.window >= p.K);
+}
+
+// Row r = (b * H + h) * Q + i starts at element r * K of the scores and of the outputs (strides
+// of dimensions of size 1 do not matter).
+inline bool rows_linear(const SoftmaxParams& p) {
+  auto linear = [&](const int64_t* st) {
+    return st[3] == 1 && (p.Q == 1 || st[2] == p.K) && (p.H == 1 || st[1] == p.Q * p.K) &&
+           (p.B == 1 || st[0] == p.H * p.Q * p.K);
+  };
+  return linear(p.in_stride) && linear(p.out_stride);
+}
+
 // How one row is computed. Depends only on K, the dtype and whether both a mask and a bias
 // tensor are read (never on B, H, Q, strides or pointers): the same row gives the same bits
 // alone, in a batch, or sharded.

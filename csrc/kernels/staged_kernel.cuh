@@ -17,6 +17,11 @@
 // producer warp: into the stage, sent by bulk copies); hidden chunks (causal, window) are never
 // read and are written as zeros.
 //
+// Cluster rows (and rows of one wide block) without mask, bias or slopes, in launches whose every
+// row sees every key and whose rows lie K elements apart (rows_whole, rows_linear: softmax.h),
+// take the WHOLE kernels: a row starts at row * K, no key's visibility is tested and a refill is
+// one copy a warp (issue_linear_piece), with the same arithmetic.
+//
 // The reduction order is fixed by (chunk slot, element, lane butterfly, warp order, cluster rank
 // order; the lanes of a warp take their maximum first, and in a cluster the warps and ranks too),
 // which depends only on rt and the cluster size, so only on K and the dtype. Rows that cannot be
@@ -268,6 +273,29 @@ __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileSha
   if (lane == 0) mbar_arrive(bar);
 }
 
+// issue_tile for a cluster row of LinearRows (WHOLE kernels): warp `part` of the block copies
+// piece `part` of tile `t`'s one row (its slot position's chunks, as many as the row has; a wide
+// block alone has one piece, the whole slot) into the stage; every warp's lane 0 arrives once. The row's start is t * K: no row
+// span to work out, no visibility to clip to.
+template <typename T>
+__device__ __forceinline__ void issue_linear_piece(const SoftmaxParams& P, const TileShape& ts, int64_t t,
+                                                   uint8_t* stage, uint32_t bar, int part) {
+  constexpr int V = 16 / sizeof(T);
+  const int lane = threadIdx.x & 31;
+  if (lane == 0 && part < ts.pieces) {
+    const int len = ts.pieces == 1 ? ts.slot : ts.rt;  // as piece_chunks
+    const int l0 = part * len;
+    const int g0 = ts.chunk_of(l0);
+    const int c1 = g0 + len < ts.nchunks ? g0 + len : ts.nchunks;
+    if (g0 < c1)
+      stage_copy(smem_u32(stage + static_cast<size_t>(l0) * 16),
+                 static_cast<const T*>(P.in) + t * P.K + static_cast<int64_t>(g0) * V,
+                 static_cast<uint32_t>(c1 - g0) * 16u, bar, l2_policy<true>());
+  }
+  __syncwarp();
+  if (lane == 0) mbar_arrive(bar);
+}
+
 // ---- host: the stage layout ---------------------------------------------------------------------
 // Where an operand's rows come from: staged when they are whole, 16-byte aligned 16-byte units.
 inline int operand_mode(const SoftmaxParams& p, const void* ptr, const int64_t* stride, int elem_bytes) {
@@ -405,12 +433,14 @@ __device__ __forceinline__ void timeline_tile(int k, int what) {
 // `cluster` is 1 (a template parameter so that rows of one block carry none of the exchange).
 // WIDE (with CLUSTER): blocks of kWideThreads threads, one an SM, a row's slice of twice the
 // length each, alone (`cluster` 1: no exchange) or in a cluster of 16 (choose_row_config).
+// WHOLE (aligned cluster or wide rows without operands of LinearRows launches): see the top.
 // RAW (rows without added operands, a scale > 0 whose product with log2(e) is finite: raw_scale):
 // the logits are kept unscaled and the scale goes into the exponent's multiply-add,
 // exp2(x * (scale * log2 e) - max * log2 e), with max = the largest raw score times the scale
 // (exactly the largest product: rounding keeps the order). One multiplication a key fewer; with a
 // scale of 1 the same bits.
-template <typename T, MaskKind MK, BiasKind BK, int C, bool ALIGNED, bool CLUSTER, bool WIDE = false, bool RAW = false>
+template <typename T, MaskKind MK, BiasKind BK, int C, bool ALIGNED, bool CLUSTER, bool WIDE = false, bool RAW = false,
+          bool WHOLE = false>
 __global__ void __launch_bounds__(kBlockThreads<C, ALIGNED, CLUSTER, WIDE>, WIDE ? 1 : 2)
 staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t ntiles, const StageLayout L) {
   constexpr bool WS = kWarpSpecialised<C, ALIGNED, CLUSTER>;
@@ -424,6 +454,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // read.
   static_assert(C == 8 || C == 4, "chunks per thread");
   static_assert(!RAW || raw_logits<MK, BK>, "raw logits only without added operands");
+  static_assert(!WHOLE || (ALIGNED && CLUSTER && C == 8 && MK == MaskKind::kNone && BK == BiasKind::kNone),
+                "WHOLE: aligned cluster rows without operands");
   // Who issues a tile's copies: the producer warp; in cluster rows every warp its share of the
   // block's pieces, after its own writes of the tile before (each warp's lane 0 arrives); else
   // warp 0. (Every warp issuing its run of the tile's rows lost 0.013 on gpt and 0.02 to 0.04 on
@@ -545,7 +577,9 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     // wrote it before the named barrier of the previous tile, or the first one, and overwrites it
     // only after this tile's kFreeBar.)
     const R r = [&]() -> R {
-      if constexpr (kTable) {
+      if constexpr (WHOLE) {
+        return R(P, active ? row : 0, LinearRows{});
+      } else if constexpr (kTable) {
         return reinterpret_cast<const R*>(row_table + s * L.table_bytes)[row_in_tile];
       } else {
         return R(P, active ? row : 0);
@@ -584,7 +618,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       const int ch = c * ch_step + ch_base;
-      vis[c] = active && ch < ts.nchunks && r.visible(ch * V, V);
+      vis[c] = active && ch < ts.nchunks && (WHOLE || r.visible(ch * V, V));
     }
 
     if constexpr (ALIGNED) mbar_wait(smem_u32(&sh.full[s]), phase);
@@ -606,6 +640,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     // scores' (float32 operands of 16-bit scores): their two chunks in flight spill registers.
     constexpr bool kHoist = ALIGNED && C == 8 && (!R::kMask || sizeof(MaskT) <= sizeof(T)) &&
                             (!R::kBias || sizeof(BiasT) <= sizeof(T));
+    static_assert(!WHOLE || kHoist, "WHOLE kernels read ahead");
     uint4 raw[2];
     Vec<MaskT, V> mraw[2];
     Vec<BiasT, V> braw[2];
@@ -625,7 +660,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       if constexpr (kHoist) {
         float sv[V];
         unpack_chunk<T>(raw[c & 1], sv);
-        chunk_logits_vals<T, MK, BK, V, int, RAW>(P, r, j0, sv, mraw[c & 1], braw[c & 1], kept[c]);
+        chunk_logits_vals<T, MK, BK, V, int, RAW, !WHOLE>(P, r, j0, sv, mraw[c & 1], braw[c & 1], kept[c]);
       } else if constexpr (ALIGNED) {
         float sv[V];
         unpack_chunk<T>(lds128(my_slot + static_cast<size_t>(c * t_rt + t_lane) * 16), sv);
@@ -782,10 +817,13 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       // read it before the barrier above.
       const int sp = bulk_out ? (s == 0 ? L.stages - 1 : s - 1) : s;
       const int64_t t2 = (bulk_out ? t - nunits : t) + L.stages * nunits;
-      if (!WS && (kIssueParts > 1 || warp == 0) && t2 < ntiles && (!bulk_out || k > 0))
+      if constexpr (WHOLE) {
+        if (t2 < ntiles) issue_linear_piece<T>(P, ts_shared, t2, stage_mem + sp * L.stage_bytes, smem_u32(&sh.full[sp]), warp);
+      } else if (!WS && (kIssueParts > 1 || warp == 0) && t2 < ntiles && (!bulk_out || k > 0)) {
         issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t2, rows, stage_mem + sp * L.stage_bytes,
                                                    smem_u32(&sh.full[sp]), row_table + sp * L.table_bytes,
                                                    kIssueParts > 1 ? warp : 0);
+      }
       if (++s == L.stages) {
         s = 0;
         phase ^= 1u;
