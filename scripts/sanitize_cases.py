@@ -2,7 +2,7 @@
 
 Small shapes so the sanitizer finishes quickly; covers each row configuration (one thread,
 sub-warp, warp, block, clusters of 2 to 16 blocks, long rows staged and read twice), aligned and strided operands, masks,
-alibi, in place.
+alibi, in place, and the WHOLE kernels of rows that see every key.
 """
 
 import torch
@@ -22,6 +22,13 @@ for dtype in (torch.float16, torch.float32):
         attention_softmax(s[..., : K - 1], alibi_slopes=tp_softmax.alibi_slopes(2).to(dev),
                           mask=torch.zeros(Q, K - 1, device=dev, dtype=dtype))
         attention_softmax(s, inplace=True, causal=True)
+    # Rows that see every key, K apart (the WHOLE kernels): a wide block alone, and clusters with
+    # more rows than the resident clusters take at once, so that stages are refilled.
+    s = torch.randn(2, 2, 1, 20000, device=dev).to(dtype)
+    attention_softmax(s, causal=True)
+    s = torch.randn(4, 64, 1, 40000, device=dev).to(dtype)
+    attention_softmax(s, layer_scale=0.5)
+    attention_softmax(s, inplace=True)
 # Long rows, staged: more rows than the resident clusters take at once, so each block's ring of
 # 27 pieces wraps (96 rows of 17 pieces over about 33 clusters of 4); the window leaves pieces
 # empty.
