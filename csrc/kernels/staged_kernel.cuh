@@ -275,8 +275,8 @@ __device__ __forceinline__ void issue_tile(const SoftmaxParams& P, const TileSha
 
 // issue_tile for a cluster row of LinearRows (WHOLE kernels): warp `part` of the block copies
 // piece `part` of tile `t`'s one row (its slot position's chunks, as many as the row has; a wide
-// block alone has one piece, the whole slot) into the stage; every warp's lane 0 arrives once. The row's start is t * K: no row
-// span to work out, no visibility to clip to.
+// block alone has one piece, the whole slot) into the stage; every warp's lane 0 arrives once.
+// The row starts at t * K: no row span to work out, no visibility to clip to.
 template <typename T>
 __device__ __forceinline__ void issue_linear_piece(const SoftmaxParams& P, const TileShape& ts, int64_t t,
                                                    uint8_t* stage, uint32_t bar, int part) {
@@ -389,8 +389,8 @@ __device__ __forceinline__ void produce_tiles(const SoftmaxParams& P, const Tile
 // notes the global timer at fixed points of its work in shared memory and writes them to
 // `timeline` when it leaves (kTimelineSlots a block: the SM, entry, set-up done, first tile's
 // copies issued, all first copies issued, for each of the first kTimelineTiles tiles the end of
-// its wait / of the block's own partial / of the exchange / of its writes, and the exit). Without the macro the hooks are empty and the
-// kernels are the same code.
+// its wait / of the block's own partial / of the exchange / of its writes, and the exit). Without
+// the macro the hooks are empty and the kernels are the same code.
 constexpr int kTimelineTiles = 16;
 enum TimelineSlot : int {
   kTlSm = 0, kTlEntry, kTlSetup, kTlIssued0, kTlIssued, kTlTile, kTlDone = kTlTile + 4 * kTimelineTiles,
@@ -818,7 +818,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       const int sp = bulk_out ? (s == 0 ? L.stages - 1 : s - 1) : s;
       const int64_t t2 = (bulk_out ? t - nunits : t) + L.stages * nunits;
       if constexpr (WHOLE) {
-        if (t2 < ntiles) issue_linear_piece<T>(P, ts_shared, t2, stage_mem + sp * L.stage_bytes, smem_u32(&sh.full[sp]), warp);
+        if (t2 < ntiles)
+          issue_linear_piece<T>(P, ts_shared, t2, stage_mem + sp * L.stage_bytes, smem_u32(&sh.full[sp]), warp);
       } else if (!WS && (kIssueParts > 1 || warp == 0) && t2 < ntiles && (!bulk_out || k > 0)) {
         issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t2, rows, stage_mem + sp * L.stage_bytes,
                                                    smem_u32(&sh.full[sp]), row_table + sp * L.table_bytes,
