@@ -11,9 +11,9 @@ Cases: the public case table (``--list`` prints it), plus ``--case [NAME=]B,H,mp
 (flags joined by ``+``: causal, alibi, slopes, pad, boolpad, window=N, scale=F, scaling). ``--only
 NAME`` (names or shell patterns) picks among the named cases, the ones outside the default run
 (such as ``bloom176b-tp4``) included; a case given with ``--case`` always runs. B, H and mp
-describe one rank: H is its head count, the model has H * mp heads. Run on one process, a case is the LAST rank's shard (head_offset = (mp-1) * H, the
-convention of the public table); under torchrun, rank r times shard r % mp, all ranks at once,
-and rank 0 reports the slowest rank.
+describe one rank: H is its head count, the model has H * mp heads. Run on one process, a case is
+the LAST rank's shard (head_offset = (mp-1) * H, the convention of the public table); under
+torchrun, rank r times shard r % mp, all ranks at once, and rank 0 reports the slowest rank.
 
 A ``scaling`` case (``bloom176b-tp4``) is also timed unsharded (all heads) on rank 0 alone; then
 every rank times its shard (``head_partition(H_total, world, rank)``; on one process the mp shards

@@ -57,11 +57,6 @@ __global__ void fill_random(uint16_t* p, size_t n16, uint32_t seed, bool f32) {
   }
 }
 
-__global__ void spin(long long cycles) {
-  const long long t0 = clock64();
-  while (clock64() - t0 < cycles) {
-  }
-}
 
 // The q-quantile, and the mean (of marks 0.256 us apart, a mean resolves shorter spans than a
 // median does).
@@ -131,7 +126,7 @@ int main(int argc, char** argv) {
     std::vector<double> t;
     for (int i = 0; i < 10; ++i) fn(i % sets);
     for (int rep = 0; rep < 8; ++rep) {
-      spin<<<1, 1>>>(20'000'000);
+      probe_spin<<<1, 1>>>(10'000'000);  // 10 ms (probe_util.cuh)
       for (int i = 0; i < 64; ++i) {
         CHECK(cudaEventRecord(ev0[i]));
         fn((rep * 64 + i) % sets);
@@ -189,7 +184,7 @@ int main(int argc, char** argv) {
     CHECK(cudaMemcpyToSymbolAsync(detail::timeline, &d_null, sizeof d_null));
     softmax((2 * L) % sets);  // not recorded: the stream's copies settle
     CHECK(cudaMemcpyToSymbolAsync(detail::timeline, &pa, sizeof pa));
-    spin<<<1, 1>>>(2'000'000);
+    probe_spin<<<1, 1>>>(1'000'000);
     softmax((2 * L + 1) % sets);
     CHECK(cudaMemcpyToSymbolAsync(detail::timeline, &pb, sizeof pb));
     softmax((2 * L) % sets);
