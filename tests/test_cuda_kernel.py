@@ -635,6 +635,9 @@ WHOLE_CASES = [
     ("decode-wide-causal", torch.float16, 2, 2, 1, 20000, dict(causal=True, layer_scale=0.7)),
     ("window-over-K-f32", torch.float32, 1, 2, 2, 131072, dict(window=131072, layer_scale=-0.5)),
     ("wide-cluster16", torch.bfloat16, 1, 2, 1, 300000, dict(layer_scale=0.125)),
+    # the last piece holds one chunk; most threads' later chunks lie past the row's end
+    ("cluster8-one-chunk-over", torch.bfloat16, 3, 2, 1, 65544, dict(layer_scale=0.3)),
+    ("f32-cluster16-partial", torch.float32, 1, 3, 1, 100004, dict()),
 ]
 
 

@@ -362,6 +362,18 @@ __device__ __forceinline__ void store_streaming(void* p, uint4 v) {
                : "memory");
 }
 
+// The same, issued only where `pred` holds (a predicated store: the values are formed either way).
+__device__ __forceinline__ void store_streaming_if(bool pred, void* p, uint4 v) {
+  asm volatile(
+      "{\n"
+      ".reg .pred q;\n"
+      "setp.ne.b32 q, %5, 0;\n"
+      "@q st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};\n"
+      "}\n" ::"l"(p),
+      "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(static_cast<int>(pred))
+      : "memory");
+}
+
 template <typename T>
 __device__ __forceinline__ uint4 pack_chunk(const float (&y)[16 / sizeof(T)]) {
   union {
@@ -628,8 +640,10 @@ struct ClusterExchange {
     float m = q_part.m;
     for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
     const float scaled = q_part.s * fast_exp2((q_part.m - ms_shift(m)) * kLog2e);  // 0 past the ranks
+    // (Over all kMaxCluster lanes, unrolled: past the ranks `scaled` is +0, and s + 0 = s.)
     float s = __shfl_sync(0xffffffffu, scaled, 0);
-    for (int q = 1; q < cluster; ++q) s += __shfl_sync(0xffffffffu, scaled, q);
+#pragma unroll
+    for (int q = 1; q < kMaxCluster; ++q) s += __shfl_sync(0xffffffffu, scaled, q);
     return {m, s};
   }
 };

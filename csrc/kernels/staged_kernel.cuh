@@ -479,6 +479,12 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // cluster kernels without operand tensors come out of ptxas with other register choices.)
   constexpr bool kBulkOut = ALIGNED && !CLUSTER && !WS;
   const bool bulk_out = kBulkOut && bulk_stores(C, rt, ALIGNED, CLUSTER, P.window);
+  // WHOLE rows of raw logits (scale > 0) test no chunk at all: the slot positions of chunks past
+  // the row's end, the same in every tile (every row has K keys) and never copied to, hold -inf
+  // from the start. Such a chunk then adds nothing: fmaxf(m, -inf) = m, its exponentials are
+  // exp2(-inf) = 0 and m + 0 = m (exactly as when it was skipped, so the same bits); only its
+  // stores are skipped.
+  constexpr bool kPadded = WHOLE && RAW;
 
   extern __shared__ __align__(128) uint8_t stage_mem[];
   __shared__ StagedScratch sh;
@@ -555,6 +561,19 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     if (kTable) __syncthreads();  // the row tables of the first tiles are written
   }
   timeline_mark(kTlIssued);
+  if constexpr (kPadded) {
+    float pad[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) pad[e] = neg_inf();
+    const uint4 pad_chunk = pack_chunk<T>(pad);
+    for (int s = 0; s < L.stages; ++s) {
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        if ((c * cluster + ts.rank) * rt + lane >= ts.nchunks)
+          sts128(stage_mem + s * L.stage_bytes + static_cast<size_t>(c * rt + lane) * 16, pad_chunk);
+      }
+    }
+  }
 
   int k = 0;           // tiles done by this block
   int s = 0;           // their stage
@@ -569,7 +588,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     const int ch_base = ts.rank * t_rt + t_lane;
     const int ch_step = cluster * t_rt;
     const int64_t row = t * ts.rows + row_in_tile;
-    const bool active = row < rows;
+    // (A cluster row, or a wide block's, is its tile's one row, and t < ntiles: always active.)
+    const bool active = CLUSTER || row < rows;
     // The row's span and pointers: from the copy warp's table of the tile's rows, or computed
     // here. (The copy warp wrote the table when it issued the tile, before a block barrier this
     // thread has passed since: the one after the first copies, or that of an earlier tile; and
@@ -618,7 +638,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       const int ch = c * ch_step + ch_base;
-      vis[c] = active && ch < ts.nchunks && (WHOLE || r.visible(ch * V, V));
+      vis[c] = kPadded || (active && ch < ts.nchunks && (WHOLE || r.visible(ch * V, V)));
     }
 
     if constexpr (ALIGNED) mbar_wait(smem_u32(&sh.full[s]), phase);
@@ -679,7 +699,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     // The lanes of the row in this warp take their maximum first, and every lane's exponents are
     // taken relative to it: their sums then add without rescaling. (Merging the lanes' (max, sum)
     // pairs took two exponentials and about 20 instructions a butterfly step.)
-    const int width = rt < 32 ? rt : 32;
+    const int width = CLUSTER || rt >= 32 ? 32 : rt;
     st.m = lane_max(st.m, width);
     {
       const float shift = ms_shift(st.m) * kLog2e;
@@ -703,7 +723,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     const float local_max = st.m;  // this warp's part of the row
 
     // Reduce: the warps of the row (rt > 32), then the blocks of the cluster.
-    const bool block_rows = rt > 32;
+    const bool block_rows = CLUSTER || rt > 32;
     const int par = k & 1;
     if (block_rows && (tid & 31) == 0) {
       sh.warp_max[par][warp] = st.m;
@@ -723,7 +743,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     }
     if (block_rows) {
       const int w0 = row_in_tile * (rt >> 5);
-      st = CLUSTER ? combine_warps_max_first<NT / 32>(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5)
+      // (A cluster row has the block's NT / 32 warps: w0 = 0.)
+      st = CLUSTER ? combine_warps_max_first<NT / 32>(sh.warp_max[par], sh.warp_sum[par], 0, NT / 32)
                    : combine_warps(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5);
     }
     timeline_tile(k, 1);
@@ -784,10 +805,23 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         }
       }
     }
+    if constexpr (kPadded) {
+      // Every chunk has its product; those past the row's end are not stored. (The chunk's address
+      // from one pointer a tile: formed from row * K for each chunk, it took 8 instructions.)
+      T* const out0 = r.out + static_cast<size_t>(ch_base) * V;
+      const int step = ch_step * V;
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        float y[V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) y[e] = kept[c][e] * factor;
+        store_streaming_if(c * ch_step + ch_base < ts.nchunks, out0 + c * step, pack_chunk<T>(y));
+      }
+    }
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       const int ch = c * ch_step + ch_base;
-      if (bulk_out || !active || ch >= ts.nchunks) continue;
+      if (kPadded || bulk_out || !active || ch >= ts.nchunks) continue;
       if constexpr (ALIGNED) {
         if (vis[c]) {
           float y[V];
