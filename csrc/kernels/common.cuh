@@ -409,7 +409,10 @@ __device__ __forceinline__ float ms_shift(float m) { return m == neg_inf() ? 0.0
 __device__ __forceinline__ MS ms_combine(MS a, MS b) {
   const float m = fmaxf(a.m, b.m);
   const float ms = ms_shift(m);
-  return {m, a.s * fast_exp2((a.m - ms) * kLog2e) + b.s * fast_exp2((b.m - ms) * kLog2e)};
+  // Written out, as the compiler had contracted it (b's product rounded, a's fused into the sum):
+  // the choice is no longer the compiler's in each kernel.
+  const float ea = fast_exp2((a.m - ms) * kLog2e), eb = fast_exp2((b.m - ms) * kLog2e);
+  return {m, __fmaf_rn(a.s, ea, __fmul_rn(b.s, eb))};
 }
 
 // Adds the V logits of one chunk to the running state (fmaxf ignores NaN; the sum does not).
@@ -485,10 +488,12 @@ __device__ __forceinline__ MS combine_warps_max_first(const float* warp_max, con
 #pragma unroll
   for (int w = 1; w < kMaxWarps; ++w) m = fmaxf(m, wm[w]);
   const float shift = ms_shift(m);
-  float s = ws[0] * fast_exp2((wm[0] - shift) * kLog2e);
+  // The products and sums written out (__fmul_rn, __fmaf_rn): left to the compiler, which product
+  // of `s + ws * e` it fuses into the addition changed with the code around it, and the bits with it.
+  float s = __fmul_rn(ws[0], fast_exp2((wm[0] - shift) * kLog2e));
 #pragma unroll
   for (int w = 1; w < kMaxWarps; ++w)
-    if (w < n) s += ws[w] * fast_exp2((wm[w] - shift) * kLog2e);
+    if (w < n) s = __fmaf_rn(ws[w], fast_exp2((wm[w] - shift) * kLog2e), s);
   return {m, s};
 }
 
