@@ -20,7 +20,8 @@
 // Cluster rows (and rows of one wide block) without mask, bias or slopes, in launches whose every
 // row sees every key and whose rows lie K elements apart (rows_whole, rows_linear: softmax.h),
 // take the WHOLE kernels: a row starts at row * K, no key's visibility is tested and a refill is
-// one copy a warp (issue_linear_piece), with the same arithmetic.
+// one copy a warp (issue_linear_piece), with the same arithmetic. With a scale > 0 (RAW) they test
+// no chunk at all: the slots of the chunks past the row's end hold -inf (kPadded).
 //
 // The reduction order is fixed by (chunk slot, element, lane butterfly, warp order, cluster rank
 // order; the lanes of a warp take their maximum first, and in a cluster the warps and ranks too),
@@ -482,7 +483,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // WHOLE rows of raw logits (scale > 0) test no chunk at all: the slot positions of chunks past
   // the row's end, the same in every tile (every row has K keys) and never copied to, hold -inf
   // from the start. Such a chunk then adds nothing: fmaxf(m, -inf) = m, its exponentials are
-  // exp2(-inf) = 0 and m + 0 = m (exactly as when it was skipped, so the same bits); only its
+  // exp2(-inf) = 0 and s + 0 = s (exactly as when it was skipped, so the same bits); only its
   // stores are skipped.
   constexpr bool kPadded = WHOLE && RAW;
 
@@ -561,7 +562,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     if (kTable) __syncthreads();  // the row tables of the first tiles are written
   }
   timeline_mark(kTlIssued);
-  if constexpr (kPadded) {
+  if constexpr (kPadded) {  // this thread's slots past the row's end, in every stage: -inf
     float pad[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) pad[e] = neg_inf();
