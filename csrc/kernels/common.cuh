@@ -356,13 +356,7 @@ __device__ __forceinline__ uint4 load_streaming(const void* p) {
   return v;
 }
 
-__device__ __forceinline__ void store_streaming(void* p, uint4 v) {
-  asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
-               "r"(v.w)
-               : "memory");
-}
-
-// The same, issued only where `pred` holds (a predicated store: the values are formed either way).
+// Issued only where `pred` holds (a predicated store: the values are formed either way).
 __device__ __forceinline__ void store_streaming_if(bool pred, void* p, uint4 v) {
   asm volatile(
       "{\n"
@@ -373,6 +367,7 @@ __device__ __forceinline__ void store_streaming_if(bool pred, void* p, uint4 v) 
       "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(static_cast<int>(pred))
       : "memory");
 }
+__device__ __forceinline__ void store_streaming(void* p, uint4 v) { store_streaming_if(true, p, v); }
 
 template <typename T>
 __device__ __forceinline__ uint4 pack_chunk(const float (&y)[16 / sizeof(T)]) {
@@ -475,25 +470,24 @@ __device__ __forceinline__ MS combine_warps(const float* warp_max, const float* 
 // additions, instead of a chain of pairwise merges with two exps each (k256k: 16 blocks of 8
 // warps a row). Rows of one block keep combine_warps' merges: the maximum-first form cost BLOOM
 // prefill 1 to 3 % in four calls (docs/perf.md). This is combine_warps in that form (each warp's
-// pair read once).
-template <int kMaxWarps>  // the row's block: 8 or 16 warps
-__device__ __forceinline__ MS combine_warps_max_first(const float* warp_max, const float* warp_sum, int w0, int n) {
-  float wm[kMaxWarps], ws[kMaxWarps];
+// pair read once) for a row that has all of its block's kWarps warps.
+template <int kWarps>  // the row's block: 8 or 16 warps
+__device__ __forceinline__ MS combine_warps_max_first(const float* warp_max, const float* warp_sum) {
+  float wm[kWarps], ws[kWarps];
 #pragma unroll
-  for (int w = 0; w < kMaxWarps; ++w) {
-    wm[w] = w < n ? warp_max[w0 + w] : neg_inf();
-    ws[w] = w < n ? warp_sum[w0 + w] : 0.0f;
+  for (int w = 0; w < kWarps; ++w) {
+    wm[w] = warp_max[w];
+    ws[w] = warp_sum[w];
   }
   float m = wm[0];
 #pragma unroll
-  for (int w = 1; w < kMaxWarps; ++w) m = fmaxf(m, wm[w]);
+  for (int w = 1; w < kWarps; ++w) m = fmaxf(m, wm[w]);
   const float shift = ms_shift(m);
   // The products and sums written out (__fmul_rn, __fmaf_rn): left to the compiler, which product
   // of `s + ws * e` it fuses into the addition changed with the code around it, and the bits with it.
   float s = __fmul_rn(ws[0], fast_exp2((wm[0] - shift) * kLog2e));
 #pragma unroll
-  for (int w = 1; w < kMaxWarps; ++w)
-    if (w < n) s = __fmaf_rn(ws[w], fast_exp2((wm[w] - shift) * kLog2e), s);
+  for (int w = 1; w < kWarps; ++w) s = __fmaf_rn(ws[w], fast_exp2((wm[w] - shift) * kLog2e), s);
   return {m, s};
 }
 

@@ -284,7 +284,9 @@ __device__ __forceinline__ void issue_linear_piece(const SoftmaxParams& P, const
   constexpr int V = 16 / sizeof(T);
   const int lane = threadIdx.x & 31;
   if (lane == 0 && part < ts.pieces) {
-    const int len = ts.pieces == 1 ? ts.slot : ts.rt;  // as piece_chunks
+    // piece_chunks' range for a row that sees every key (piece_chunks itself, clipping to lo and
+    // hi, took 16 instructions more)
+    const int len = ts.pieces == 1 ? ts.slot : ts.rt;
     const int l0 = part * len;
     const int g0 = ts.chunk_of(l0);
     const int c1 = g0 + len < ts.nchunks ? g0 + len : ts.nchunks;
@@ -570,6 +572,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     for (int s = 0; s < L.stages; ++s) {
 #pragma unroll
       for (int c = 0; c < C; ++c) {
+        // (ts.chunk_of(c * rt + lane), in multiplications: through its shifts, 24 instructions more)
         if ((c * cluster + ts.rank) * rt + lane >= ts.nchunks)
           sts128(stage_mem + s * L.stage_bytes + static_cast<size_t>(c * rt + lane) * 16, pad_chunk);
       }
@@ -744,8 +747,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     }
     if (block_rows) {
       const int w0 = row_in_tile * (rt >> 5);
-      // (A cluster row has the block's NT / 32 warps: w0 = 0.)
-      st = CLUSTER ? combine_warps_max_first<NT / 32>(sh.warp_max[par], sh.warp_sum[par], 0, NT / 32)
+      // (A cluster row has all of the block's NT / 32 warps.)
+      st = CLUSTER ? combine_warps_max_first<NT / 32>(sh.warp_max[par], sh.warp_sum[par])
                    : combine_warps(sh.warp_max[par], sh.warp_sum[par], w0, rt >> 5);
     }
     timeline_tile(k, 1);
