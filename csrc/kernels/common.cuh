@@ -390,6 +390,38 @@ __device__ __forceinline__ void unpack_chunk(uint4 u, float (&x)[16 / sizeof(T)]
   widen(o.v, x);
 }
 
+// The larger of each pair of 16-bit values of T in two 32-bit words, in one instruction (max.f16x2 /
+// max.bf16x2; as fmaxf, a NaN gives the other value). Exact, as fmaxf of the widened values: the
+// largest of a row's raw 16-bit scores is one of them.
+template <typename T>
+__device__ __forceinline__ uint32_t max_pairs(uint32_t a, uint32_t b) {
+  static_assert(sizeof(T) == 2, "16-bit pairs");
+  uint32_t d;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  } else {
+    asm("max.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  }
+  return d;
+}
+
+// Two -inf of the 16-bit type T in one word.
+template <typename T>
+__device__ __forceinline__ uint32_t neg_inf_pair() {
+  return std::is_same<T, __nv_bfloat16>::value ? 0xff80ff80u : 0xfc00fc00u;
+}
+
+// The larger of a word's two 16-bit values of T, as float32.
+template <typename T>
+__device__ __forceinline__ float max_of_pair(uint32_t w) {
+  Vec<T, 2> v;
+  static_assert(sizeof(v) == sizeof(w), "one word");
+  __builtin_memcpy(&v, &w, sizeof(w));
+  float x[2];
+  widen(v, x);
+  return fmaxf(x[0], x[1]);
+}
+
 // ---- the online max / sum and its reductions in a fixed order -----------------------------
 // The xor butterfly leaves the same bits in every lane (ms_combine is commutative).
 

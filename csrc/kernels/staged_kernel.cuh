@@ -488,6 +488,9 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // exp2(-inf) = 0 and s + 0 = s (exactly as when it was skipped, so the same bits); only its
   // stores are skipped.
   constexpr bool kPadded = WHOLE && RAW;
+  // kPadded rows of 16-bit scores take their maximum on the raw pairs, two keys an instruction
+  // (max_pairs): every key of the slot is visible, or -inf, and the logit is the raw score.
+  constexpr bool kPairMax = kPadded && sizeof(T) == 2;
 
   extern __shared__ __align__(128) uint8_t stage_mem[];
   __shared__ StagedScratch sh;
@@ -657,6 +660,9 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     float acc[A];
 #pragma unroll
     for (int a = 0; a < A; ++a) acc[a] = neg_inf();
+    uint32_t pair_max[4];  // kPairMax: the maxima of the chunks' four words
+#pragma unroll
+    for (int w = 0; w < 4; ++w) pair_max[w] = kPairMax ? neg_inf_pair<T>() : 0u;
     // Rows of 8 chunks a thread (at most one operand tensor) read the next chunk's scores and
     // operands before forming this chunk's logits, visible or not, so that a chunk's reads are in
     // flight while the previous chunk is formed (a hidden chunk reads its slot, within the stage,
@@ -693,12 +699,21 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       } else {
         chunk_logits_strided<T, MK, BK, V, int, RAW>(P, r, j0, kept[c]);
       }
+      if constexpr (kPairMax) {
+        pair_max[0] = max_pairs<T>(pair_max[0], raw[c & 1].x);
+        pair_max[1] = max_pairs<T>(pair_max[1], raw[c & 1].y);
+        pair_max[2] = max_pairs<T>(pair_max[2], raw[c & 1].z);
+        pair_max[3] = max_pairs<T>(pair_max[3], raw[c & 1].w);
+      } else {
 #pragma unroll
-      for (int e = 0; e < V; ++e) acc[e % A] = fmaxf(acc[e % A], kept[c][e]);
+        for (int e = 0; e < V; ++e) acc[e % A] = fmaxf(acc[e % A], kept[c][e]);
+      }
     }
     // This warp is done with the stage and its table: the producer may refill them (if it will).
     if (WS && t + L.stages * nunits < ntiles) bar_arrive(kFreeBar + s, kWsThreads);
     MS st{fmaxf(fmaxf(acc[0], acc[1]), fmaxf(acc[2], acc[3])), 0.0f};
+    if constexpr (kPairMax)
+      st.m = max_of_pair<T>(max_pairs<T>(max_pairs<T>(pair_max[0], pair_max[1]), max_pairs<T>(pair_max[2], pair_max[3])));
     if constexpr (RAW) st.m = __fmul_rn(st.m, P.layer_scale);  // the largest logit
     // The lanes of the row in this warp take their maximum first, and every lane's exponents are
     // taken relative to it: their sums then add without rescaling. (Merging the lanes' (max, sum)
