@@ -660,21 +660,32 @@ struct ClusterExchange {
     if (tid < cluster && tid != rank) push_partial(smem_u32(&part[par][rank]), b, tid, st.m, st.s);
     if (tid == 0) mbar_arrive_expect_tx(b, static_cast<uint32_t>(cluster - 1) * 8u);
     mbar_wait(b, static_cast<uint32_t>((k >> 1) & 1));
-    // Lane q takes rank q's partial; the warp takes their maximum, then adds the rescaled sums in
-    // rank order.
-    const int l = tid & 31;
+    // Over the smallest of 4, 8 or 16 lanes that holds every rank (a cluster has 4, 8 or 16 blocks).
+    if (cluster <= 4) return reduce_ranks<4>(st, cluster, rank, par);
+    if (cluster <= 8) return reduce_ranks<8>(st, cluster, rank, par);
+    return reduce_ranks<kMaxCluster>(st, cluster, rank, par);
+  }
+
+  // Lane l takes rank q = l % N's partial ((-inf, 0) past the ranks), so that each group of N
+  // lanes holds them all; the warp takes their maximum within its groups (the same in every lane),
+  // then adds the rescaled sums in rank order. Past the ranks `scaled` is +0, and s + 0 = s: the
+  // sum of N terms has the bits of the sum over the ranks alone, for every N >= cluster. (No
+  // partial's maximum is NaN: fmaxf from -inf leaves NaN out.)
+  template <int N>
+  __device__ __forceinline__ MS reduce_ranks(MS st, int cluster, int rank, int par) const {
+    const int q = threadIdx.x & (N - 1);
     MS q_part{neg_inf(), 0.0f};
-    if (l < cluster) {
-      const float2 v = part[par][l];
-      q_part = l == rank ? st : MS{v.x, v.y};
+    if (q < cluster) {
+      const float2 v = part[par][q];
+      q_part = q == rank ? st : MS{v.x, v.y};
     }
     float m = q_part.m;
-    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    const float scaled = q_part.s * fast_exp2((q_part.m - ms_shift(m)) * kLog2e);  // 0 past the ranks
-    // (Over all kMaxCluster lanes, unrolled: past the ranks `scaled` is +0, and s + 0 = s.)
+#pragma unroll
+    for (int off = N / 2; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    const float scaled = q_part.s * fast_exp2((q_part.m - ms_shift(m)) * kLog2e);
     float s = __shfl_sync(0xffffffffu, scaled, 0);
 #pragma unroll
-    for (int q = 1; q < kMaxCluster; ++q) s += __shfl_sync(0xffffffffu, scaled, q);
+    for (int i = 1; i < N; ++i) s += __shfl_sync(0xffffffffu, scaled, i);
     return {m, s};
   }
 };
