@@ -664,6 +664,49 @@ def test_whole_linear_rows_same_bits_as_general(case, capfd, monkeypatch):
     check(whole, (scores,), kwargs, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_whole_rows_special_values_same_bits_as_general(dtype, capfd, monkeypatch):
+    # The WHOLE kernels of 16-bit raw scores take a row's maximum on packed pairs; the general ones
+    # on the widened values (fmaxf). Rows: only -inf, one +inf, NaNs, signed zeros as the maximum,
+    # all signed zeros, -inf among values, the dtype's largest value, NaN with +inf, then plain.
+    B, H, Q, K = 1, 9, 1, 65536
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).mul_(4).to(dtype)
+    s = scores[0, :, 0]
+    s[0] = float("-inf")
+    s[1, K // 3] = float("inf")
+    s[2, 5::997] = float("nan")
+    s[3] = -s[3].abs()
+    s[3, 7::11] = 0.0
+    s[3, 9::13] = -0.0
+    s[4] = torch.where(torch.arange(K, device="cuda") % 2 == 0, -0.0, 0.0).to(dtype)
+    s[5, ::3] = float("-inf")
+    s[6, 0] = s[6, K - 1] = torch.finfo(dtype).max
+    s[7, 17::101] = float("nan")
+    s[7, 3] = float("inf")
+    monkeypatch.setenv("TP_SOFTMAX_LAUNCH_INFO", "1")
+    capfd.readouterr()
+    whole = poisoned_call(scores, layer_scale=0.25)
+    info = launch_lines(capfd, "staged layout")
+    assert info and "whole linear rows" in info[-1], info
+    pad = 16 // scores.element_size()
+    spaced = torch.empty(B, H, Q, K + pad, device="cuda", dtype=dtype)[..., :K]
+    spaced.copy_(scores)
+    general = poisoned_call(spaced, layer_scale=0.25)
+    info = launch_lines(capfd, "staged layout")
+    assert info and "whole linear rows" not in info[-1], info
+    assert torch.equal(bits(whole), bits(general.contiguous()))
+    out = whole[0, :, 0].float()
+    assert torch.equal(out[0], torch.zeros_like(out[0]))  # no key can be attended: zeros
+    for r in (1, 2, 7):  # +inf or NaN among the scores: a NaN row
+        assert out[r].isnan().all(), r
+    for r in (3, 4, 5, 6, 8):
+        assert torch.isfinite(out[r]).all(), r
+        assert abs(out[r].double().sum().item() - 1.0) < 2e-2, r
+    assert torch.equal(out[4], torch.full_like(out[4], 1.0 / K))
+    assert torch.equal(out[5, ::3], torch.zeros_like(out[5, ::3]))
+
+
 def test_rows_with_hidden_keys_take_the_general_kernels(capfd, monkeypatch):
     # causal rows with more than one query hide keys; a window shorter than K does too
     gen = torch.Generator(device="cuda").manual_seed(5)

@@ -21,7 +21,8 @@
 // row sees every key and whose rows lie K elements apart (rows_whole, rows_linear: softmax.h),
 // take the WHOLE kernels: a row starts at row * K, no key's visibility is tested and a refill is
 // one copy a warp (issue_linear_piece), with the same arithmetic. With a scale > 0 (RAW) they test
-// no chunk at all: the slots of the chunks past the row's end hold -inf (kPadded).
+// no chunk at all: the slots of the chunks past the row's end hold -inf (kPadded); with 16-bit
+// scores they take the maximum on the packed pairs (kPairMax).
 //
 // The reduction order is fixed by (chunk slot, element, lane butterfly, warp order, cluster rank
 // order; the lanes of a warp take their maximum first, and in a cluster the warps and ranks too),
