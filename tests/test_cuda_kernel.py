@@ -700,11 +700,56 @@ def test_whole_rows_special_values_same_bits_as_general(dtype, capfd, monkeypatc
     assert torch.equal(out[0], torch.zeros_like(out[0]))  # no key can be attended: zeros
     for r in (1, 2, 7):  # +inf or NaN among the scores: a NaN row
         assert out[r].isnan().all(), r
-    for r in (3, 4, 5, 8):
+    for r in (3, 4, 5, 6, 8):
         assert torch.isfinite(out[r]).all(), r
         assert abs(out[r].double().sum().item() - 1.0) < 2e-2, r
     assert torch.equal(out[4], torch.full_like(out[4], 1.0 / K))
     assert torch.equal(out[5, ::3], torch.zeros_like(out[5, ::3]))
+
+
+# Rows whose largest logit is huge (|max * log2 e| >= 2^29, about 3.7e8: huge scores, or a huge
+# scale) take the difference to the maximum before the exponent. The multiply-add
+# fmaf(x, log2 e, -max * log2 e) carries max * log2 e's rounding into every exponent, up to 2^100
+# near 1e38, and such rows came out as zeros or NaN. The scores lie on levels base * (1 -+ l / 16),
+# l = 0 .. 7, exact in every dtype: the keys at the top level share the row, the others (base / 16
+# below) get 0. Name, dtype, B, H, Q, K, base, attention_softmax arguments ("mask": an additive
+# float32 pad mask; "alibi": an alibi tensor; "unaligned": rows not 16-byte aligned).
+HUGE_CASES = [
+    ("whole-cluster-bf16", torch.bfloat16, 2, 2, 1, 65536, 2.0 ** 34, dict()),
+    ("whole-cluster-bf16-negative", torch.bfloat16, 2, 2, 1, 65536, -(2.0 ** 34), dict()),
+    ("whole-wide-f32", torch.float32, 1, 2, 1, 12000, 2.0 ** 33, dict()),
+    ("causal-bf16", torch.bfloat16, 1, 2, 16, 4096, 2.0 ** 34, dict(causal=True)),
+    ("fp16-huge-scale", torch.float16, 1, 2, 8, 2048, 8.0, dict(causal=True, layer_scale=2.0 ** 30)),
+    ("f32-mask", torch.float32, 1, 2, 4, 1000, 2.0 ** 33, dict(mask=True)),
+    ("fp16-mask-alibi", torch.float16, 1, 2, 8, 2048, 8.0, dict(mask=True, alibi=True, layer_scale=2.0 ** 30)),
+    ("long-row-fp16", torch.float16, 1, 1, 2, 600000, 8.0, dict(layer_scale=2.0 ** 30)),
+    ("long-row-fp16-unaligned", torch.float16, 1, 1, 2, 600000, 8.0, dict(layer_scale=2.0 ** 30, unaligned=True)),
+]
+
+
+@pytest.mark.parametrize("case", HUGE_CASES, ids=lambda c: c[0])
+def test_huge_logits(case):
+    _name, dtype, B, H, Q, K, base, kwargs = case
+    kwargs = dict(kwargs)
+    gen = torch.Generator(device="cuda").manual_seed(K + Q + 7)
+    level = torch.randint(0, 8, (B, H, Q, K), device="cuda", generator=gen).double()
+    scores = (base * (1 - torch.sign(torch.tensor(base)) * level / 16)).to(dtype)
+    if kwargs.pop("unaligned", False):
+        view = torch.empty(B, H, Q, K + 1, device="cuda", dtype=dtype)[..., 1:]
+        view.copy_(scores)
+        scores = view
+    if kwargs.pop("mask", False):
+        keep = torch.rand(B, 1, 1, K, device="cuda", generator=gen) > 0.1
+        kwargs["mask"] = torch.where(keep, 0.0, float("-inf"))
+    if kwargs.pop("alibi", False):
+        kwargs["alibi"] = torch.randn(B * H, 1, K, device="cuda", generator=gen).to(dtype)
+    out = poisoned_call(scores, **kwargs)
+    ref = oracle(scores, **kwargs)
+    assert not out.isnan().any()
+    err = (out.double() - ref).abs().max().item()
+    assert err <= max(ATOL[dtype], 0.5 * torch.finfo(dtype).eps), f"max error {err:.3e}"
+    sums = out.double().sum(-1)
+    assert ((sums - 1).abs() <= 0.01).all(), sums
 
 
 def test_rows_with_hidden_keys_take_the_general_kernels(capfd, monkeypatch):

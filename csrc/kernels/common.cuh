@@ -433,6 +433,17 @@ struct MS {
 // The value exponents are taken relative to: the maximum m, or 0 where every x is -inf.
 __device__ __forceinline__ float ms_shift(float m) { return m == neg_inf() ? 0.0f : m; }
 
+// exp(x - m) is taken as exp2(fmaf(x, log2 e, -shift)) with shift = m * log2 e rounded: one
+// multiply-add a key, exact but for shift's rounding d = m * log2 e - shift, the same for every key
+// of the row, so that the normalisation cancels 2^d as long as it stays within float32's range.
+// |d| <= ulp(shift) / 2 <= 32 where |shift| < 2^29. Rows whose largest logit is larger than that
+// (|m| >= 2^29 / log2 e, about 3.7e8; only huge scores or scales reach it) take the difference
+// first, exp2((x - m) * log2 e), two operations a key (exact_exp_arg): with the multiply-add, 2^d
+// over- or underflowed and the row came out as zeros or NaN.
+constexpr float kExactShiftFrom = 536870912.0f;  // 2^29
+__device__ __forceinline__ bool needs_exact_shift(float shift) { return fabsf(shift) >= kExactShiftFrom; }
+__device__ __forceinline__ float exact_exp_arg(float x, float m) { return __fmul_rn(__fsub_rn(x, m), kLog2e); }
+
 __device__ __forceinline__ MS ms_combine(MS a, MS b) {
   const float m = fmaxf(a.m, b.m);
   const float ms = ms_shift(m);
@@ -453,8 +464,13 @@ __device__ __forceinline__ void ms_add_chunk(MS& st, const float (&x)[V]) {
     st.m = cm;
   }
   const float shift = ms_shift(st.m) * kLog2e;
+  if (needs_exact_shift(shift)) {
 #pragma unroll
-  for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(x[e], kLog2e, -shift));
+    for (int e = 0; e < V; ++e) st.s += fast_exp2(exact_exp_arg(x[e], st.m));
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(x[e], kLog2e, -shift));
+  }
 }
 
 __device__ __forceinline__ MS lane_reduce_ms(MS v, int width) {
@@ -693,14 +709,25 @@ struct ClusterExchange {
 // The normalised outputs of one row from its reduced state: y = exp(x - max) / sum; a row with no
 // visible key gives zeros (and a NaN row NaN).
 struct Normaliser {
-  float shift, inv, hidden;
+  float m, shift, inv, hidden;
   __device__ __forceinline__ explicit Normaliser(MS tot) {
     // (ms_shift written out: through the helper, ptxas schedules the two-read kernel differently)
-    shift = (tot.m == neg_inf() ? 0.0f : tot.m) * kLog2e;
+    m = tot.m == neg_inf() ? 0.0f : tot.m;
+    shift = m * kLog2e;
     inv = tot.s == 0.0f ? 0.0f : 1.0f / tot.s;  // NaN stays NaN
     hidden = 0.0f * inv;                         // 0, or NaN for a NaN row
   }
-  __device__ __forceinline__ float operator()(float x) const { return fast_exp2(fmaf(x, kLog2e, -shift)) * inv; }
+  // The outputs of V logits, in place (rows of huge logits: needs_exact_shift).
+  template <int V>
+  __device__ __forceinline__ void apply(float (&y)[V]) const {
+    if (needs_exact_shift(shift)) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) y[e] = fast_exp2(exact_exp_arg(y[e], m)) * inv;
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) y[e] = fast_exp2(fmaf(y[e], kLog2e, -shift)) * inv;
+    }
+  }
   // A hidden chunk's output, packed once: a chunk that chooses per key between its product and
   // `hidden` compiles to moves of `hidden` and the products issued under a predicate, hidden or
   // not (docs/perf.md, v23); with this, each branch has a store of its own.

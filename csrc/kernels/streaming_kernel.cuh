@@ -149,8 +149,7 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
           if (r.visible(ch * V, V)) {
             float y[V];
             logits(s, ch * V, y);
-#pragma unroll
-            for (int e = 0; e < V; ++e) y[e] = norm(y[e]);
+            norm.apply(y);
             store_streaming(r.out + ch * V, pack_chunk<T>(y));
           } else {
             store_streaming(r.out + ch * V, hidden_chunk);
@@ -210,8 +209,7 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
             float sv[V], y[V];
             unpack_chunk<T>(raw[u], sv);
             chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, (g + (m0 + u) * G) * V, sv, y);
-#pragma unroll
-            for (int e = 0; e < V; ++e) y[e] = norm(y[e]);
+            norm.apply(y);
             packed[u] = pack_chunk<T>(y);
           } else {
             packed[u] = hidden_chunk;
@@ -302,8 +300,12 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster, int pieces) {
       for (int u = 0; u < U; ++u) {
         const Pos ch = ch0 + u * G;
         if (ch >= nchunks) continue;
+        if (vis[u]) {
+          norm.apply(y[u]);
+        } else {
 #pragma unroll
-        for (int e = 0; e < V; ++e) y[u][e] = vis[u] ? norm(y[u][e]) : norm.hidden;
+          for (int e = 0; e < V; ++e) y[u][e] = norm.hidden;
+        }
         if constexpr (ALIGNED) {
           store_streaming(r.out + ch * V, pack_chunk<T>(y[u]));
         } else {
