@@ -438,11 +438,12 @@ __device__ __forceinline__ float ms_shift(float m) { return m == neg_inf() ? 0.0
 // of the row, so that the normalisation cancels 2^d as long as it stays within float32's range.
 // |d| <= ulp(shift) / 2 <= 32 where |shift| < 2^29. Rows whose largest logit is larger than that
 // (|m| >= 2^29 / log2 e, about 3.7e8; only huge scores or scales reach it) take the difference
-// first, exp2((x - m) * log2 e), two operations a key (exact_exp_arg): with the multiply-add, 2^d
-// over- or underflowed and the row came out as zeros or NaN.
+// first: their logits become x - m, and the same multiply-add with a shift of 0 gives
+// exp2((x - m) * log2 e). With the multiply-add on x, 2^d over- or underflowed and the row came out
+// as zeros or NaN. (The difference is a pass of its own over the logits, taken only by such rows,
+// rather than a second exponent loop: the kernels' code stays about as long.)
 constexpr float kExactShiftFrom = 536870912.0f;  // 2^29
 __device__ __forceinline__ bool needs_exact_shift(float shift) { return fabsf(shift) >= kExactShiftFrom; }
-__device__ __forceinline__ float exact_exp_arg(float x, float m) { return __fmul_rn(__fsub_rn(x, m), kLog2e); }
 
 __device__ __forceinline__ MS ms_combine(MS a, MS b) {
   const float m = fmaxf(a.m, b.m);
@@ -463,14 +464,17 @@ __device__ __forceinline__ void ms_add_chunk(MS& st, const float (&x)[V]) {
     st.s *= fast_exp2((st.m - cm) * kLog2e);
     st.m = cm;
   }
-  const float shift = ms_shift(st.m) * kLog2e;
-  if (needs_exact_shift(shift)) {
+  float shift = ms_shift(st.m) * kLog2e;
+  float y[V];
 #pragma unroll
-    for (int e = 0; e < V; ++e) st.s += fast_exp2(exact_exp_arg(x[e], st.m));
-  } else {
+  for (int e = 0; e < V; ++e) y[e] = x[e];
+  if (needs_exact_shift(shift)) {  // huge logits: the difference first
 #pragma unroll
-    for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(x[e], kLog2e, -shift));
+    for (int e = 0; e < V; ++e) y[e] = __fsub_rn(y[e], st.m);
+    shift = 0.0f;
   }
+#pragma unroll
+  for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(y[e], kLog2e, -shift));
 }
 
 __device__ __forceinline__ MS lane_reduce_ms(MS v, int width) {
@@ -717,16 +721,17 @@ struct Normaliser {
     inv = tot.s == 0.0f ? 0.0f : 1.0f / tot.s;  // NaN stays NaN
     hidden = 0.0f * inv;                         // 0, or NaN for a NaN row
   }
-  // The outputs of V logits, in place (rows of huge logits: needs_exact_shift).
+  // The outputs of V logits, in place (rows of huge logits: the difference first, needs_exact_shift).
   template <int V>
   __device__ __forceinline__ void apply(float (&y)[V]) const {
+    float sh = shift;
     if (needs_exact_shift(shift)) {
 #pragma unroll
-      for (int e = 0; e < V; ++e) y[e] = fast_exp2(exact_exp_arg(y[e], m)) * inv;
-    } else {
-#pragma unroll
-      for (int e = 0; e < V; ++e) y[e] = fast_exp2(fmaf(y[e], kLog2e, -shift)) * inv;
+      for (int e = 0; e < V; ++e) y[e] = __fsub_rn(y[e], m);
+      sh = 0.0f;
     }
+#pragma unroll
+    for (int e = 0; e < V; ++e) y[e] = fast_exp2(fmaf(y[e], kLog2e, -sh)) * inv;
   }
   // A hidden chunk's output, packed once: a chunk that chooses per key between its product and
   // `hidden` compiles to moves of `hidden` and the products issued under a predicate, hidden or

@@ -726,25 +726,24 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       const float to_log2 = RAW ? __fmul_rn(P.layer_scale, kLog2e) : kLog2e;  // log2 e a raw score
 #pragma unroll
       for (int a = 0; a < A; ++a) acc[a] = 0.0f;
-      if (!needs_exact_shift(shift)) {
+      float sh = shift, to_log2_k = to_log2;
+      if (needs_exact_shift(shift)) {  // a row of huge logits: the difference first (exact_exp_arg)
 #pragma unroll
         for (int c = 0; c < C; ++c) {
           if (!vis[c]) continue;
 #pragma unroll
-          for (int e = 0; e < V; ++e) {
-            kept[c][e] = fast_exp2(fmaf(kept[c][e], to_log2, -shift));
-            acc[e % A] += kept[c][e];
-          }
+          for (int e = 0; e < V; ++e) kept[c][e] = __fsub_rn(RAW ? __fmul_rn(kept[c][e], P.layer_scale) : kept[c][e], st.m);
         }
-      } else {  // a row of huge logits: the difference first (needs_exact_shift)
+        sh = 0.0f;
+        to_log2_k = kLog2e;
+      }
 #pragma unroll
-        for (int c = 0; c < C; ++c) {
-          if (!vis[c]) continue;
+      for (int c = 0; c < C; ++c) {
+        if (!vis[c]) continue;
 #pragma unroll
-          for (int e = 0; e < V; ++e) {
-            kept[c][e] = fast_exp2(exact_exp_arg(RAW ? __fmul_rn(kept[c][e], P.layer_scale) : kept[c][e], st.m));
-            acc[e % A] += kept[c][e];
-          }
+        for (int e = 0; e < V; ++e) {
+          kept[c][e] = fast_exp2(fmaf(kept[c][e], to_log2_k, -sh));
+          acc[e % A] += kept[c][e];
         }
       }
       st.s = lane_sum((acc[0] + acc[1]) + (acc[2] + acc[3]), width);
