@@ -709,21 +709,22 @@ def test_whole_rows_special_values_same_bits_as_general(dtype, capfd, monkeypatc
 
 # Rows whose largest logit is huge (|max * log2 e| >= 2^29, about 3.7e8: huge scores, or a huge
 # scale) take the difference to the maximum before the exponent. The multiply-add
-# fmaf(x, log2 e, -max * log2 e) carries max * log2 e's rounding into every exponent, up to 2^100
-# near 1e38, and such rows came out as zeros or NaN. The scores lie on levels base * (1 -+ l / 16),
-# l = 0 .. 7, exact in every dtype: the keys at the top level share the row, the others (base / 16
-# below) get 0. Name, dtype, B, H, Q, K, base, attention_softmax arguments ("mask": an additive
-# float32 pad mask; "alibi": an alibi tensor; "unaligned": rows not 16-byte aligned).
+# fmaf(x, log2 e, -max * log2 e) carries the rounding of max * log2 e into every exponent, and for
+# these maxima that rounding is 632 to 2048 (a power-of-two maximum would round exactly and hide
+# it): the rows came out as zeros or NaN. The scores lie on levels base * (1 -+ l / 16), l = 0 .. 7:
+# the keys at the top level share the row, the others (base / 16 below) get 0. Name, dtype, B, H,
+# Q, K, base, attention_softmax arguments ("mask": an additive float32 pad mask; "alibi": an alibi
+# tensor; "unaligned": rows not 16-byte aligned).
 HUGE_CASES = [
-    ("whole-cluster-bf16", torch.bfloat16, 2, 2, 1, 65536, 2.0 ** 34, dict()),
-    ("whole-cluster-bf16-negative", torch.bfloat16, 2, 2, 1, 65536, -(2.0 ** 34), dict()),
-    ("whole-wide-f32", torch.float32, 1, 2, 1, 12000, 2.0 ** 33, dict()),
-    ("causal-bf16", torch.bfloat16, 1, 2, 16, 4096, 2.0 ** 34, dict(causal=True)),
-    ("fp16-huge-scale", torch.float16, 1, 2, 8, 2048, 8.0, dict(causal=True, layer_scale=2.0 ** 30)),
-    ("f32-mask", torch.float32, 1, 2, 4, 1000, 2.0 ** 33, dict(mask=True)),
-    ("fp16-mask-alibi", torch.float16, 1, 2, 8, 2048, 8.0, dict(mask=True, alibi=True, layer_scale=2.0 ** 30)),
-    ("long-row-fp16", torch.float16, 1, 1, 2, 600000, 8.0, dict(layer_scale=2.0 ** 30)),
-    ("long-row-fp16-unaligned", torch.float16, 1, 1, 2, 600000, 8.0, dict(layer_scale=2.0 ** 30, unaligned=True)),
+    ("whole-cluster-bf16", torch.bfloat16, 2, 2, 1, 65536, 1.7e10, dict()),
+    ("whole-cluster-bf16-negative", torch.bfloat16, 2, 2, 1, 65536, -1.7e10, dict()),
+    ("whole-wide-f32", torch.float32, 1, 2, 1, 12000, 2e10, dict()),
+    ("causal-bf16", torch.bfloat16, 1, 2, 16, 4096, 1.7e10, dict(causal=True)),
+    ("fp16-huge-scale", torch.float16, 1, 2, 8, 2048, 7.0, dict(causal=True, layer_scale=3.3e9)),
+    ("f32-mask", torch.float32, 1, 2, 4, 1000, 2e10, dict(mask=True)),
+    ("fp16-mask-alibi", torch.float16, 1, 2, 8, 2048, 7.0, dict(mask=True, alibi=True, layer_scale=3.3e9)),
+    ("long-row-fp16", torch.float16, 1, 1, 2, 600000, 7.0, dict(layer_scale=3.3e9)),
+    ("long-row-fp16-unaligned", torch.float16, 1, 1, 2, 600000, 7.0, dict(layer_scale=3.3e9, unaligned=True)),
 ]
 
 
@@ -744,7 +745,7 @@ def test_huge_logits(case):
     if kwargs.pop("alibi", False):
         kwargs["alibi"] = torch.randn(B * H, 1, K, device="cuda", generator=gen).to(dtype)
     out = poisoned_call(scores, **kwargs)
-    # The oracle in float32, where SPEC forms the logits: 2^33 plus an alibi value is 2^33 there,
+    # The oracle in float32, where SPEC forms the logits: 2.3e10 plus an alibi value is 2.3e10 there,
     # and the keys it ties share the row.
     ref = oracle(scores, **kwargs, compute_dtype=torch.float32).double()
     assert not out.isnan().any()
