@@ -727,7 +727,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
 #pragma unroll
       for (int a = 0; a < A; ++a) acc[a] = 0.0f;
       float sh = shift, to_log2_k = to_log2;
-      if (needs_exact_shift(shift)) {  // a row of huge logits: the difference first (exact_exp_arg)
+      if (needs_exact_shift(shift)) {  // a row of huge logits: the difference first (common.cuh)
 #pragma unroll
         for (int c = 0; c < C; ++c) {
           if (!vis[c]) continue;
