@@ -714,7 +714,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     if (WS && t + L.stages * nunits < ntiles) bar_arrive(kFreeBar + s, kWsThreads);
     MS st{fmaxf(fmaxf(acc[0], acc[1]), fmaxf(acc[2], acc[3])), 0.0f};
     if constexpr (kPairMax)
-      st.m = max_of_pair<T>(max_pairs<T>(max_pairs<T>(pair_max[0], pair_max[1]), max_pairs<T>(pair_max[2], pair_max[3])));
+      st.m = max_of_pair<T>(
+          max_pairs<T>(max_pairs<T>(pair_max[0], pair_max[1]), max_pairs<T>(pair_max[2], pair_max[3])));
     if constexpr (RAW) st.m = __fmul_rn(st.m, P.layer_scale);  // the largest logit
     // The lanes of the row in this warp take their maximum first, and every lane's exponents are
     // taken relative to it: their sums then add without rescaling. (Merging the lanes' (max, sum)
@@ -732,7 +733,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         for (int c = 0; c < C; ++c) {
           if (!vis[c]) continue;
 #pragma unroll
-          for (int e = 0; e < V; ++e) kept[c][e] = __fsub_rn(RAW ? __fmul_rn(kept[c][e], P.layer_scale) : kept[c][e], st.m);
+          for (int e = 0; e < V; ++e)
+            kept[c][e] = __fsub_rn(RAW ? __fmul_rn(kept[c][e], P.layer_scale) : kept[c][e], st.m);
         }
         sh = 0.0f;
         to_log2_k = kLog2e;
