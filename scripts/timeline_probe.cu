@@ -57,7 +57,6 @@ __global__ void fill_random(uint16_t* p, size_t n16, uint32_t seed, bool f32) {
   }
 }
 
-
 // The q-quantile, and the mean (of marks 0.256 us apart, a mean resolves shorter spans than a
 // median does).
 static double pct(std::vector<double> v, double q) {

@@ -408,7 +408,10 @@ __device__ __forceinline__ uint32_t max_pairs(uint32_t a, uint32_t b) {
 // Two -inf of the 16-bit type T in one word.
 template <typename T>
 __device__ __forceinline__ uint32_t neg_inf_pair() {
-  return std::is_same<T, __nv_bfloat16>::value ? 0xff80ff80u : 0xfc00fc00u;
+  float v[16 / sizeof(T)];
+#pragma unroll
+  for (int e = 0; e < 16 / static_cast<int>(sizeof(T)); ++e) v[e] = neg_inf();
+  return pack_chunk<T>(v).x;
 }
 
 // The larger of a word's two 16-bit values of T, as float32.
@@ -445,6 +448,16 @@ __device__ __forceinline__ float ms_shift(float m) { return m == neg_inf() ? 0.0
 constexpr float kExactShiftFrom = 536870912.0f;  // 2^29
 __device__ __forceinline__ bool needs_exact_shift(float shift) { return fabsf(shift) >= kExactShiftFrom; }
 
+// The shift to take V logits' exponents with, exp2(fmaf(y, log2 e, -shift)); for a row of huge
+// logits (needs_exact_shift) the logits become y - m first and the shift 0.
+template <int V>
+__device__ __forceinline__ float exact_shift_if_huge(float (&y)[V], float m, float shift) {
+  if (!needs_exact_shift(shift)) return shift;
+#pragma unroll
+  for (int e = 0; e < V; ++e) y[e] = __fsub_rn(y[e], m);
+  return 0.0f;
+}
+
 __device__ __forceinline__ MS ms_combine(MS a, MS b) {
   const float m = fmaxf(a.m, b.m);
   const float ms = ms_shift(m);
@@ -464,15 +477,10 @@ __device__ __forceinline__ void ms_add_chunk(MS& st, const float (&x)[V]) {
     st.s *= fast_exp2((st.m - cm) * kLog2e);
     st.m = cm;
   }
-  float shift = ms_shift(st.m) * kLog2e;
   float y[V];
 #pragma unroll
   for (int e = 0; e < V; ++e) y[e] = x[e];
-  if (needs_exact_shift(shift)) {  // huge logits: the difference first
-#pragma unroll
-    for (int e = 0; e < V; ++e) y[e] = __fsub_rn(y[e], st.m);
-    shift = 0.0f;
-  }
+  const float shift = exact_shift_if_huge(y, st.m, ms_shift(st.m) * kLog2e);
 #pragma unroll
   for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(y[e], kLog2e, -shift));
 }
@@ -721,15 +729,10 @@ struct Normaliser {
     inv = tot.s == 0.0f ? 0.0f : 1.0f / tot.s;  // NaN stays NaN
     hidden = 0.0f * inv;                         // 0, or NaN for a NaN row
   }
-  // The outputs of V logits, in place (rows of huge logits: the difference first, needs_exact_shift).
+  // The outputs of V logits, in place.
   template <int V>
   __device__ __forceinline__ void apply(float (&y)[V]) const {
-    float sh = shift;
-    if (needs_exact_shift(shift)) {
-#pragma unroll
-      for (int e = 0; e < V; ++e) y[e] = __fsub_rn(y[e], m);
-      sh = 0.0f;
-    }
+    const float sh = exact_shift_if_huge(y, m, shift);
 #pragma unroll
     for (int e = 0; e < V; ++e) y[e] = fast_exp2(fmaf(y[e], kLog2e, -sh)) * inv;
   }

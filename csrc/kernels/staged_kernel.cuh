@@ -661,7 +661,9 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     float acc[A];
 #pragma unroll
     for (int a = 0; a < A; ++a) acc[a] = neg_inf();
-    uint32_t pair_max[4];  // kPairMax: the maxima of the chunks' four words
+    // kPairMax: the maxima of the chunks' four words. (Set in every kernel, 0 where unused: set
+    // under `if constexpr` instead, ptxas allocated the general cluster kernels' registers otherwise.)
+    uint32_t pair_max[4];
 #pragma unroll
     for (int w = 0; w < 4; ++w) pair_max[w] = kPairMax ? neg_inf_pair<T>() : 0u;
     // Rows of 8 chunks a thread (at most one operand tensor) read the next chunk's scores and
