@@ -641,24 +641,32 @@ WHOLE_CASES = [
 ]
 
 
+def whole_and_general(scores, capfd, **kwargs):
+    """The op's outputs for `scores`, whose rows lie K apart (the WHOLE kernels), and for the same
+    rows 16 bytes further apart (still aligned, not linear: the general kernels), each checked in
+    the launch info (TP_SOFTMAX_LAUNCH_INFO=1 must be set)."""
+    capfd.readouterr()
+    whole = poisoned_call(scores, **kwargs)
+    info = launch_lines(capfd, "staged layout")
+    assert info and "whole linear rows" in info[-1], info
+    K = scores.shape[-1]
+    spaced = torch.empty(*scores.shape[:-1], K + 16 // scores.element_size(), device=scores.device,
+                         dtype=scores.dtype)[..., :K]
+    spaced.copy_(scores)
+    general = poisoned_call(spaced, **kwargs)
+    info = launch_lines(capfd, "staged layout")
+    assert info and "whole linear rows" not in info[-1], info
+    return whole, general.contiguous()
+
+
 @pytest.mark.parametrize("case", WHOLE_CASES, ids=lambda c: c[0])
 def test_whole_linear_rows_same_bits_as_general(case, capfd, monkeypatch):
     _name, dtype, B, H, Q, K, kwargs = case
     gen = torch.Generator(device="cuda").manual_seed(K + Q)
     scores = torch.randn(B, H, Q, K, device="cuda", generator=gen).mul_(4).to(dtype)
     monkeypatch.setenv("TP_SOFTMAX_LAUNCH_INFO", "1")
-    capfd.readouterr()
-    whole = poisoned_call(scores, **kwargs)
-    info = launch_lines(capfd, "staged layout")
-    assert info and "whole linear rows" in info[-1], info
-    # rows 16 bytes further apart: still aligned, not linear
-    pad = 16 // scores.element_size()
-    spaced = torch.empty(B, H, Q, K + pad, device="cuda", dtype=dtype)[..., :K]
-    spaced.copy_(scores)
-    general = poisoned_call(spaced, **kwargs)
-    info = launch_lines(capfd, "staged layout")
-    assert info and "whole linear rows" not in info[-1], info
-    assert torch.equal(bits(whole), bits(general.contiguous()))
+    whole, general = whole_and_general(scores, capfd, **kwargs)
+    assert torch.equal(bits(whole), bits(general))
     inplace = attention_softmax(scores.clone(), inplace=True, **kwargs)
     assert torch.equal(bits(inplace), bits(whole))
     check(whole, (scores,), kwargs, dtype)
@@ -685,17 +693,8 @@ def test_whole_rows_special_values_same_bits_as_general(dtype, capfd, monkeypatc
     s[7, 17::101] = float("nan")
     s[7, 3] = float("inf")
     monkeypatch.setenv("TP_SOFTMAX_LAUNCH_INFO", "1")
-    capfd.readouterr()
-    whole = poisoned_call(scores, layer_scale=0.25)
-    info = launch_lines(capfd, "staged layout")
-    assert info and "whole linear rows" in info[-1], info
-    pad = 16 // scores.element_size()
-    spaced = torch.empty(B, H, Q, K + pad, device="cuda", dtype=dtype)[..., :K]
-    spaced.copy_(scores)
-    general = poisoned_call(spaced, layer_scale=0.25)
-    info = launch_lines(capfd, "staged layout")
-    assert info and "whole linear rows" not in info[-1], info
-    assert torch.equal(bits(whole), bits(general.contiguous()))
+    whole, general = whole_and_general(scores, capfd, layer_scale=0.25)
+    assert torch.equal(bits(whole), bits(general))
     out = whole[0, :, 0].float()
     assert torch.equal(out[0], torch.zeros_like(out[0]))  # no key can be attended: zeros
     for r in (1, 2, 7):  # +inf or NaN among the scores: a NaN row
