@@ -22,6 +22,7 @@ for dtype in (torch.float16, torch.float32):
         attention_softmax(s[..., : K - 1], alibi_slopes=tp_softmax.alibi_slopes(2).to(dev),
                           mask=torch.zeros(Q, K - 1, device=dev, dtype=dtype))
         attention_softmax(s, inplace=True, causal=True)
+        attention_softmax(torch.randn_like(s), layer_scale=2e8)  # huge logits (|max| > 3.7e8)
     # Rows that see every key, K apart (the WHOLE kernels): a wide block alone, and clusters with
     # more rows than the resident clusters take at once, so that stages are refilled.
     s = torch.randn(2, 2, 1, 20000, device=dev).to(dtype)

@@ -448,11 +448,10 @@ __device__ __forceinline__ float ms_shift(float m) { return m == neg_inf() ? 0.0
 constexpr float kExactShiftFrom = 536870912.0f;  // 2^29
 __device__ __forceinline__ bool needs_exact_shift(float shift) { return fabsf(shift) >= kExactShiftFrom; }
 
-// The shift to take V logits' exponents with, exp2(fmaf(y, log2 e, -shift)); for a row of huge
-// logits (needs_exact_shift) the logits become y - m first and the shift 0.
+// A row of huge logits (needs_exact_shift): its V logits become y - m, and the shift to take their
+// exponents with, exp2(fmaf(y, log2 e, -shift)), is 0.
 template <int V>
-__device__ __forceinline__ float exact_shift_if_huge(float (&y)[V], float m, float shift) {
-  if (!needs_exact_shift(shift)) return shift;
+__device__ __forceinline__ float difference_first(float (&y)[V], float m) {
 #pragma unroll
   for (int e = 0; e < V; ++e) y[e] = __fsub_rn(y[e], m);
   return 0.0f;
@@ -467,7 +466,10 @@ __device__ __forceinline__ MS ms_combine(MS a, MS b) {
   return {m, __fmaf_rn(a.s, ea, __fmul_rn(b.s, eb))};
 }
 
-// Adds the V logits of one chunk to the running state (fmaxf ignores NaN; the sum does not).
+// Adds the V logits of one chunk to the running state (fmaxf ignores NaN; the sum does not). For
+// a row of huge logits the sum comes out wrong (2^d out of range); the long-row kernel finds such
+// rows from the reduced maximum and takes their sum again (reduce_row, streaming_kernel.cuh), so
+// that the chunk's instructions are those of an ordinary row.
 template <int V>
 __device__ __forceinline__ void ms_add_chunk(MS& st, const float (&x)[V]) {
   float cm = x[0];
@@ -477,12 +479,19 @@ __device__ __forceinline__ void ms_add_chunk(MS& st, const float (&x)[V]) {
     st.s *= fast_exp2((st.m - cm) * kLog2e);
     st.m = cm;
   }
-  float y[V];
+  const float shift = ms_shift(st.m) * kLog2e;
 #pragma unroll
-  for (int e = 0; e < V; ++e) y[e] = x[e];
-  const float shift = exact_shift_if_huge(y, st.m, ms_shift(st.m) * kLog2e);
+  for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(x[e], kLog2e, -shift));
+}
+
+// The sum of exp(x - m) over V logits of a row of huge logits, with m the row's maximum.
+template <int V>
+__device__ __forceinline__ float huge_chunk_sum(float (&x)[V], float m) {
+  const float sh = difference_first(x, m);
+  float s = 0.0f;
 #pragma unroll
-  for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(y[e], kLog2e, -shift));
+  for (int e = 0; e < V; ++e) s += fast_exp2(fmaf(x[e], kLog2e, -sh));
+  return s;
 }
 
 __device__ __forceinline__ MS lane_reduce_ms(MS v, int width) {
@@ -722,17 +731,21 @@ struct ClusterExchange {
 // visible key gives zeros (and a NaN row NaN).
 struct Normaliser {
   float m, shift, inv, hidden;
+  bool huge;  // needs_exact_shift(shift): apply<true>, which takes the difference first
   __device__ __forceinline__ explicit Normaliser(MS tot) {
     // (ms_shift written out: through the helper, ptxas schedules the two-read kernel differently)
     m = tot.m == neg_inf() ? 0.0f : tot.m;
     shift = m * kLog2e;
+    huge = needs_exact_shift(shift);
     inv = tot.s == 0.0f ? 0.0f : 1.0f / tot.s;  // NaN stays NaN
     hidden = 0.0f * inv;                         // 0, or NaN for a NaN row
   }
-  // The outputs of V logits, in place.
-  template <int V>
+  // The outputs of V logits, in place; HUGE: the row is huge (a caller takes the test once a row,
+  // and has a loop for each answer: tested a chunk, ptxas issued the differences predicated for
+  // every chunk of every row).
+  template <bool HUGE, int V>
   __device__ __forceinline__ void apply(float (&y)[V]) const {
-    const float sh = exact_shift_if_huge(y, m, shift);
+    const float sh = HUGE ? difference_first(y, m) : shift;
 #pragma unroll
     for (int e = 0; e < V; ++e) y[e] = fast_exp2(fmaf(y[e], kLog2e, -sh)) * inv;
   }

@@ -28,7 +28,8 @@ struct StreamScratch {
 };
 
 // Reduce over the threads of a row: lanes (butterfly), warps of the block (in order), blocks of
-// the cluster (in rank order). Every thread gets the same bits. `k`: the row's ordinal here.
+// the cluster (in rank order). Every thread gets the same bits. `k`: the reduction's ordinal in this
+// block (rows take one or two: reduce_row).
 __device__ __forceinline__ MS block_cluster_reduce_ms(MS v, int cluster, StreamScratch& sh, int k) {
   v = lane_reduce_ms(v, 32);
   const int warp = threadIdx.x >> 5;
@@ -41,6 +42,30 @@ __device__ __forceinline__ MS block_cluster_reduce_ms(MS v, int cluster, StreamS
   v = combine_warps(sh.warp_max[parity], sh.warp_sum[parity], 0, blockDim.x >> 5);
   if (cluster > 1) v = sh.xc.combine(v, cluster, static_cast<int>(cg::this_cluster().block_rank()), k);
   return v;
+}
+
+// The row's maximum and sum from every thread's running state. A row of huge logits
+// (needs_exact_shift of the maximum: the same answer in every thread of the cluster) takes its sum
+// again, `huge_sum(m)` being this thread's part as exp(x - m) summed over its chunks in their
+// order, and reduces it as the first; ordinary rows run none of it. `nx`: the reductions this block
+// has done (the scratch and the cluster's exchange alternate between two buffers by its parity).
+template <typename HugeSum>
+__device__ __forceinline__ MS reduce_row(MS st, int cluster, StreamScratch& sh, int& nx, HugeSum&& huge_sum) {
+  MS tot = block_cluster_reduce_ms(st, cluster, sh, nx++);
+  if (needs_exact_shift(ms_shift(tot.m) * kLog2e))
+    tot = block_cluster_reduce_ms(MS{tot.m, huge_sum(tot.m)}, cluster, sh, nx++);
+  return tot;
+}
+
+// Runs a row's write loop `write(huge)` with huge a std::integral_constant<bool>: the test for a
+// row of huge logits (Normaliser::huge) once a row, and a loop of its own for each answer.
+template <typename Write>
+__device__ __forceinline__ void write_row(const Normaliser& norm, Write&& write) {
+  if (norm.huge) {
+    write(std::true_type{});
+  } else {
+    write(std::false_type{});
+  }
 }
 
 // The rows of a block of the long-row kernel staged: unit u (of `nunits` clusters) takes rows
@@ -102,7 +127,8 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
   if (tid < 32)
     for (int64_t q = tid; q < (total < slots ? total : slots); q += 32) issue(q);
 
-  int k = 0;  // rows done by this block
+  int k = 0;   // rows done by this block
+  int nx = 0;  // its reductions (reduce_row)
   for (int64_t row = unit; row < rows; row += nunits, ++k) {
     const R r(P, row);
     const int64_t q0 = static_cast<int64_t>(k) * pieces;
@@ -117,6 +143,22 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
     // both against this one (f32m, after v21).
     constexpr int U = sizeof(T) == 2 ? 4 : 1;
     MS st{neg_inf(), 0.0f};
+    // A row of huge logits: this thread's sum again, one staged piece at a time (reduce_row).
+    auto huge_sum = [&](float m) {
+      float sum = 0.0f;
+      int s = s0;
+      for (int i = 0; i < pieces; ++i) {
+        const Pos ch = g + i * G;
+        if (ch < nchunks && r.visible(ch * V, V)) {
+          float sv[V], x[V];
+          unpack_chunk<T>(lds128(ring + static_cast<size_t>(s) * kPieceBytes + tid * 16), sv);
+          chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, ch * V, sv, x);
+          sum += huge_chunk_sum(x, m);
+        }
+        if (++s == slots) s = 0;
+      }
+      return sum;
+    };
     if constexpr (U == 1) {
       auto logits = [&](int s, Pos j0, float (&x)[V]) {
         float sv[V];
@@ -140,23 +182,26 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
           }
         }
       }
-      const Normaliser norm(block_cluster_reduce_ms(st, cluster, sh, k));
+      const Normaliser norm(reduce_row(st, cluster, sh, nx, huge_sum));
       const uint4 hidden_chunk = norm.hidden_chunk<T, V>();
-      int s = s0;
-      for (int m = 0; m < pieces; ++m) {
-        const Pos ch = g + m * G;
-        if (ch < nchunks) {
-          if (r.visible(ch * V, V)) {
-            float y[V];
-            logits(s, ch * V, y);
-            norm.apply(y);
-            store_streaming(r.out + ch * V, pack_chunk<T>(y));
-          } else {
-            store_streaming(r.out + ch * V, hidden_chunk);
+      auto write = [&](auto huge) {
+        int s = s0;
+        for (int m = 0; m < pieces; ++m) {
+          const Pos ch = g + m * G;
+          if (ch < nchunks) {
+            if (r.visible(ch * V, V)) {
+              float y[V];
+              logits(s, ch * V, y);
+              norm.apply<decltype(huge)::value>(y);
+              store_streaming(r.out + ch * V, pack_chunk<T>(y));
+            } else {
+              store_streaming(r.out + ch * V, hidden_chunk);
+            }
           }
+          if (++s == slots) s = 0;
         }
-        if (++s == slots) s = 0;
-      }
+      };
+      write_row(norm, write);
     } else {
       int s = s0;
       uint32_t par = par0;
@@ -187,38 +232,41 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
           ms_add_chunk<V>(st, x);
         }
       }
-      const Normaliser norm(block_cluster_reduce_ms(st, cluster, sh, k));
+      const Normaliser norm(reduce_row(st, cluster, sh, nx, huge_sum));
       const uint4 hidden_chunk = norm.hidden_chunk<T, V>();
-      s = s0;
-      for (int m0 = 0; m0 < pieces; m0 += U) {
-        bool have[U], vis[U];
-        uint4 raw[U];
+      auto write = [&](auto huge) {
+        int s = s0;
+        for (int m0 = 0; m0 < pieces; m0 += U) {
+          bool have[U], vis[U];
+          uint4 raw[U];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const Pos ch = g + (m0 + u) * G;
-          have[u] = m0 + u < pieces && ch < nchunks;
-          vis[u] = have[u] && r.visible(ch * V, V);
-          if (vis[u]) raw[u] = lds128(ring + static_cast<size_t>(s) * kPieceBytes + tid * 16);
-          if (++s == slots) s = 0;
-        }
-        uint4 packed[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          if (!have[u]) continue;
-          if (vis[u]) {
-            float sv[V], y[V];
-            unpack_chunk<T>(raw[u], sv);
-            chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, (g + (m0 + u) * G) * V, sv, y);
-            norm.apply(y);
-            packed[u] = pack_chunk<T>(y);
-          } else {
-            packed[u] = hidden_chunk;
+          for (int u = 0; u < U; ++u) {
+            const Pos ch = g + (m0 + u) * G;
+            have[u] = m0 + u < pieces && ch < nchunks;
+            vis[u] = have[u] && r.visible(ch * V, V);
+            if (vis[u]) raw[u] = lds128(ring + static_cast<size_t>(s) * kPieceBytes + tid * 16);
+            if (++s == slots) s = 0;
           }
-        }
+          uint4 packed[U];
 #pragma unroll
-        for (int u = 0; u < U; ++u)
-          if (have[u]) store_streaming(r.out + (g + (m0 + u) * G) * V, packed[u]);
-      }
+          for (int u = 0; u < U; ++u) {
+            if (!have[u]) continue;
+            if (vis[u]) {
+              float sv[V], y[V];
+              unpack_chunk<T>(raw[u], sv);
+              chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, (g + (m0 + u) * G) * V, sv, y);
+              norm.apply<decltype(huge)::value>(y);
+              packed[u] = pack_chunk<T>(y);
+            } else {
+              packed[u] = hidden_chunk;
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < U; ++u)
+            if (have[u]) store_streaming(r.out + (g + (m0 + u) * G) * V, packed[u]);
+        }
+      };
+      write_row(norm, write);
     }
     __syncthreads();  // every thread has read the row's pieces
     if (tid < 32)
@@ -261,7 +309,7 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster, int pieces) {
     }
     cg::this_cluster().sync();  // the other blocks push into this block's barriers
   }
-  int k = 0;  // rows done by this block
+  int nx = 0;  // reductions done by this block (reduce_row)
   for (int64_t row = blockIdx.x / cluster; row < rows; row += gridDim.x / cluster) {
     const R r(P, row);
     auto logits = [&](Pos j0, float (&x)[V]) {
@@ -291,29 +339,41 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster, int pieces) {
       for (int u = 0; u < U; ++u)
         if (ok[u]) ms_add_chunk<V>(st, x[u]);
     }
-    const Normaliser norm(block_cluster_reduce_ms(st, cluster, sh, k));
-    for (Pos ch0 = g; ch0 < nchunks; ch0 += U * G) {
-      float y[U][V];
-      bool vis[U];
-      gather(ch0, y, vis);
+    auto huge_sum = [&](float m) {  // a row of huge logits: this thread's sum again (reduce_row)
+      float sum = 0.0f;
+      for (Pos ch = g; ch < nchunks; ch += G) {
+        if (!r.visible(ch * V, V)) continue;
+        float x[V];
+        logits(ch * V, x);
+        sum += huge_chunk_sum(x, m);
+      }
+      return sum;
+    };
+    const Normaliser norm(reduce_row(st, cluster, sh, nx, huge_sum));
+    auto write = [&](auto huge) {
+      for (Pos ch0 = g; ch0 < nchunks; ch0 += U * G) {
+        float y[U][V];
+        bool vis[U];
+        gather(ch0, y, vis);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const Pos ch = ch0 + u * G;
-        if (ch >= nchunks) continue;
-        if (vis[u]) {
-          norm.apply(y[u]);
-        } else {
+        for (int u = 0; u < U; ++u) {
+          const Pos ch = ch0 + u * G;
+          if (ch >= nchunks) continue;
+          if (vis[u]) {
+            norm.apply<decltype(huge)::value>(y[u]);
+          } else {
 #pragma unroll
-          for (int e = 0; e < V; ++e) y[u][e] = norm.hidden;
-        }
-        if constexpr (ALIGNED) {
-          store_streaming(r.out + ch * V, pack_chunk<T>(y[u]));
-        } else {
-          store_strided<T, V, Pos>(r.out, P.out_stride[3], ch * V, K, y[u]);
+            for (int e = 0; e < V; ++e) y[u][e] = norm.hidden;
+          }
+          if constexpr (ALIGNED) {
+            store_streaming(r.out + ch * V, pack_chunk<T>(y[u]));
+          } else {
+            store_strided<T, V, Pos>(r.out, P.out_stride[3], ch * V, K, y[u]);
+          }
         }
       }
-    }
-    ++k;
+    };
+    write_row(norm, write);
   }
   // No block of a cluster may exit while another can still write to its shared memory.
   if (cluster > 1) cg::this_cluster().sync();
