@@ -443,8 +443,11 @@ __device__ __forceinline__ float ms_shift(float m) { return m == neg_inf() ? 0.0
 // (|m| >= 2^29 / log2 e, about 3.7e8; only huge scores or scales reach it) take the difference
 // first: their logits become x - m, and the same multiply-add with a shift of 0 gives
 // exp2((x - m) * log2 e). With the multiply-add on x, 2^d over- or underflowed and the row came out
-// as zeros or NaN. (The difference is a pass of its own over the logits, taken only by such rows,
-// rather than a second exponent loop: the kernels' code stays about as long.)
+// as zeros or NaN. (In the one-read kernel the difference is a pass of its own over the kept
+// logits, taken only by such rows, rather than a second exponent loop: the code stays about as
+// long. The long-row kernel takes such a row's sum again once its maximum is known, and chooses
+// its outputs' loop once a row: tested in every chunk, the test cost its rows 3 to 5 % on an H200,
+// docs/perf.md, "v36".)
 constexpr float kExactShiftFrom = 536870912.0f;  // 2^29
 __device__ __forceinline__ bool needs_exact_shift(float shift) { return fabsf(shift) >= kExactShiftFrom; }
 
