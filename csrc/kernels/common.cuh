@@ -469,11 +469,13 @@ __device__ __forceinline__ MS ms_combine(MS a, MS b) {
   return {m, __fmaf_rn(a.s, ea, __fmul_rn(b.s, eb))};
 }
 
-// Adds the V logits of one chunk to the running state (fmaxf ignores NaN; the sum does not). For
-// a row of huge logits the sum comes out wrong (2^d out of range); the long-row kernel finds such
-// rows from the reduced maximum and takes their sum again (reduce_row, streaming_kernel.cuh), so
-// that the chunk's instructions are those of an ordinary row.
-template <int V>
+// Adds the V logits of one chunk to the running state (fmaxf ignores NaN; the sum does not).
+// EXACT: a row of huge logits takes the difference to the running maximum first (a test each
+// chunk). Without it such a row's sum comes out wrong (2^d out of range): the long-row kernel's
+// staged rows find such rows from the reduced maximum and take their sum again (reduce_row,
+// streaming_kernel.cuh), so that an ordinary chunk runs the instructions it ran before huge rows
+// were taken apart (tested each chunk, the test cost k1m 3 to 5 % on an H200, docs/perf.md, "v36").
+template <bool EXACT, int V>
 __device__ __forceinline__ void ms_add_chunk(MS& st, const float (&x)[V]) {
   float cm = x[0];
 #pragma unroll
@@ -482,9 +484,13 @@ __device__ __forceinline__ void ms_add_chunk(MS& st, const float (&x)[V]) {
     st.s *= fast_exp2((st.m - cm) * kLog2e);
     st.m = cm;
   }
-  const float shift = ms_shift(st.m) * kLog2e;
+  float y[V];
 #pragma unroll
-  for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(x[e], kLog2e, -shift));
+  for (int e = 0; e < V; ++e) y[e] = x[e];
+  float shift = ms_shift(st.m) * kLog2e;
+  if (EXACT && needs_exact_shift(shift)) shift = difference_first(y, st.m);
+#pragma unroll
+  for (int e = 0; e < V; ++e) st.s += fast_exp2(fmaf(y[e], kLog2e, -shift));
 }
 
 // The sum of exp(x - m) over V logits of a row of huge logits, with m the row's maximum.
@@ -743,12 +749,20 @@ struct Normaliser {
     inv = tot.s == 0.0f ? 0.0f : 1.0f / tot.s;  // NaN stays NaN
     hidden = 0.0f * inv;                         // 0, or NaN for a NaN row
   }
-  // The outputs of V logits, in place; HUGE: the row is huge (a caller takes the test once a row,
-  // and has a loop for each answer: tested a chunk, ptxas issued the differences predicated for
-  // every chunk of every row).
+  // The outputs of V logits, in place; HUGE: the row is huge (a caller that takes the test once a
+  // row, with a loop for each answer: tested each chunk, ptxas issues the differences predicated
+  // for every chunk of every row).
   template <bool HUGE, int V>
-  __device__ __forceinline__ void apply(float (&y)[V]) const {
+  __device__ __forceinline__ void apply_as(float (&y)[V]) const {
     const float sh = HUGE ? difference_first(y, m) : shift;
+#pragma unroll
+    for (int e = 0; e < V; ++e) y[e] = fast_exp2(fmaf(y[e], kLog2e, -sh)) * inv;
+  }
+  // The same with the test each chunk.
+  template <int V>
+  __device__ __forceinline__ void apply(float (&y)[V]) const {
+    float sh = shift;
+    if (huge) sh = difference_first(y, m);
 #pragma unroll
     for (int e = 0; e < V; ++e) y[e] = fast_exp2(fmaf(y[e], kLog2e, -sh)) * inv;
   }

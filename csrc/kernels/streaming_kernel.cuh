@@ -174,7 +174,7 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
             mbar_wait(smem_u32(&full[s]), par);
             float x[V];
             logits(s, ch * V, x);
-            ms_add_chunk<V>(st, x);
+            ms_add_chunk<false, V>(st, x);
           }
           if (++s == slots) {
             s = 0;
@@ -192,7 +192,7 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
             if (r.visible(ch * V, V)) {
               float y[V];
               logits(s, ch * V, y);
-              norm.apply<decltype(huge)::value>(y);
+              norm.apply_as<decltype(huge)::value>(y);
               store_streaming(r.out + ch * V, pack_chunk<T>(y));
             } else {
               store_streaming(r.out + ch * V, hidden_chunk);
@@ -229,7 +229,7 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
           float sv[V], x[V];
           unpack_chunk<T>(raw[u], sv);
           chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, (g + (m0 + u) * G) * V, sv, x);
-          ms_add_chunk<V>(st, x);
+          ms_add_chunk<false, V>(st, x);
         }
       }
       const Normaliser norm(reduce_row(st, cluster, sh, nx, huge_sum));
@@ -255,7 +255,7 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
               float sv[V], y[V];
               unpack_chunk<T>(raw[u], sv);
               chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, (g + (m0 + u) * G) * V, sv, y);
-              norm.apply<decltype(huge)::value>(y);
+              norm.apply_as<decltype(huge)::value>(y);
               packed[u] = pack_chunk<T>(y);
             } else {
               packed[u] = hidden_chunk;
@@ -309,7 +309,7 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster, int pieces) {
     }
     cg::this_cluster().sync();  // the other blocks push into this block's barriers
   }
-  int nx = 0;  // reductions done by this block (reduce_row)
+  int k = 0;  // rows done by this block
   for (int64_t row = blockIdx.x / cluster; row < rows; row += gridDim.x / cluster) {
     const R r(P, row);
     auto logits = [&](Pos j0, float (&x)[V]) {
@@ -330,6 +330,9 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster, int pieces) {
         if (vis[u]) logits(j0, x[u]);
       }
     };
+    // Rows read twice test for huge logits in each chunk of both passes, as in v35: that test cost
+    // them nothing measurable (k1mu), and with the staged rows' second sum (reduce_row) and a loop
+    // for each answer these variants spilled (docs/perf.md, "v36" and "v37").
     MS st{neg_inf(), 0.0f};
     for (Pos ch0 = g; ch0 < nchunks; ch0 += U * G) {
       float x[U][V];
@@ -337,43 +340,31 @@ streaming_softmax_kernel(const SoftmaxParams P, int cluster, int pieces) {
       gather(ch0, x, ok);
 #pragma unroll
       for (int u = 0; u < U; ++u)
-        if (ok[u]) ms_add_chunk<V>(st, x[u]);
+        if (ok[u]) ms_add_chunk<true, V>(st, x[u]);
     }
-    auto huge_sum = [&](float m) {  // a row of huge logits: this thread's sum again (reduce_row)
-      float sum = 0.0f;
-      for (Pos ch = g; ch < nchunks; ch += G) {
-        if (!r.visible(ch * V, V)) continue;
-        float x[V];
-        logits(ch * V, x);
-        sum += huge_chunk_sum(x, m);
-      }
-      return sum;
-    };
-    const Normaliser norm(reduce_row(st, cluster, sh, nx, huge_sum));
-    auto write = [&](auto huge) {
-      for (Pos ch0 = g; ch0 < nchunks; ch0 += U * G) {
-        float y[U][V];
-        bool vis[U];
-        gather(ch0, y, vis);
+    const Normaliser norm(block_cluster_reduce_ms(st, cluster, sh, k));
+    for (Pos ch0 = g; ch0 < nchunks; ch0 += U * G) {
+      float y[U][V];
+      bool vis[U];
+      gather(ch0, y, vis);
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const Pos ch = ch0 + u * G;
-          if (ch >= nchunks) continue;
-          if (vis[u]) {
-            norm.apply<decltype(huge)::value>(y[u]);
-          } else {
+      for (int u = 0; u < U; ++u) {
+        const Pos ch = ch0 + u * G;
+        if (ch >= nchunks) continue;
+        if (vis[u]) {
+          norm.apply(y[u]);
+        } else {
 #pragma unroll
-            for (int e = 0; e < V; ++e) y[u][e] = norm.hidden;
-          }
-          if constexpr (ALIGNED) {
-            store_streaming(r.out + ch * V, pack_chunk<T>(y[u]));
-          } else {
-            store_strided<T, V, Pos>(r.out, P.out_stride[3], ch * V, K, y[u]);
-          }
+          for (int e = 0; e < V; ++e) y[u][e] = norm.hidden;
+        }
+        if constexpr (ALIGNED) {
+          store_streaming(r.out + ch * V, pack_chunk<T>(y[u]));
+        } else {
+          store_strided<T, V, Pos>(r.out, P.out_stride[3], ch * V, K, y[u]);
         }
       }
-    };
-    write_row(norm, write);
+    }
+    ++k;
   }
   // No block of a cluster may exit while another can still write to its shared memory.
   if (cluster > 1) cg::this_cluster().sync();
