@@ -740,7 +740,7 @@ struct ClusterExchange {
 // visible key gives zeros (and a NaN row NaN).
 struct Normaliser {
   float m, shift, inv, hidden;
-  bool huge;  // needs_exact_shift(shift): apply<true>, which takes the difference first
+  bool huge;  // needs_exact_shift(shift): apply_as<true>, which takes the difference first
   __device__ __forceinline__ explicit Normaliser(MS tot) {
     // (ms_shift written out: through the helper, ptxas schedules the two-read kernel differently)
     m = tot.m == neg_inf() ? 0.0f : tot.m;
@@ -754,15 +754,18 @@ struct Normaliser {
   // for every chunk of every row).
   template <bool HUGE, int V>
   __device__ __forceinline__ void apply_as(float (&y)[V]) const {
-    const float sh = HUGE ? difference_first(y, m) : shift;
-#pragma unroll
-    for (int e = 0; e < V; ++e) y[e] = fast_exp2(fmaf(y[e], kLog2e, -sh)) * inv;
+    outputs(y, HUGE ? difference_first(y, m) : shift);
   }
   // The same with the test each chunk.
   template <int V>
   __device__ __forceinline__ void apply(float (&y)[V]) const {
     float sh = shift;
     if (huge) sh = difference_first(y, m);
+    outputs(y, sh);
+  }
+  // y = exp2(y * log2 e - sh) / sum, in place.
+  template <int V>
+  __device__ __forceinline__ void outputs(float (&y)[V], float sh) const {
 #pragma unroll
     for (int e = 0; e < V; ++e) y[e] = fast_exp2(fmaf(y[e], kLog2e, -sh)) * inv;
   }
