@@ -754,6 +754,33 @@ def test_huge_logits(case):
     assert ((sums - 1).abs() <= 0.01).all(), sums
 
 
+@pytest.mark.parametrize("unaligned", [False, True], ids=["staged", "read-twice"])
+def test_long_rows_huge_and_ordinary_in_turn(unaligned):
+    # Rows of the long-row kernel (600000 bfloat16 keys: a cluster of 16 blocks a row), every third
+    # one huge, and more rows than the clusters resident at once, so that a block takes huge and
+    # ordinary rows in turn. A staged huge row reduces twice (its sum again, relative to the row's
+    # maximum) where an ordinary row reduces once, and the block's scratch and the cluster's
+    # exchange alternate by the count of reductions: a count kept by rows would mix them up.
+    dtype = torch.bfloat16
+    B, H, Q, K = 1, 40, 1, 600000
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    ordinary = torch.randn(B, H, Q, K, device="cuda", generator=gen).double()
+    level = torch.randint(0, 8, (B, H, Q, K), device="cuda", generator=gen).double()
+    is_huge = (torch.arange(H, device="cuda") % 3 == 0).view(1, H, 1, 1)
+    scores = torch.where(is_huge, 1.7e10 * (1 - level / 16), ordinary).to(dtype)
+    if unaligned:
+        view = torch.empty(B, H, Q, K + 1, device="cuda", dtype=dtype)[..., 1:]
+        view.copy_(scores)
+        scores = view
+    out = poisoned_call(scores)
+    ref = oracle(scores, compute_dtype=torch.float32).double()
+    assert not out.isnan().any()
+    err = (out.double() - ref).abs().amax(-1)
+    assert (err <= ATOL[dtype]).all(), err.flatten()
+    sums = out.double().sum(-1)
+    assert ((sums - 1).abs() <= 0.01).all(), sums.flatten()
+
+
 def test_rows_with_hidden_keys_take_the_general_kernels(capfd, monkeypatch):
     # causal rows with more than one query hide keys; a window shorter than K does too
     gen = torch.Generator(device="cuda").manual_seed(5)
