@@ -612,9 +612,7 @@ def test_long_rows_staged_same_bits_as_two_reads(case, capfd, monkeypatch):
     contiguous = poisoned_call(scores, **kwargs)
     info = launch_lines(capfd, "long rows")
     assert info and f"long rows: {path}" in info[-1], info
-    unaligned = torch.empty(B, H, Q, K + 1, device="cuda", dtype=dtype)[..., 1:]
-    unaligned.copy_(scores)
-    twice = poisoned_call(unaligned, **kwargs)
+    twice = poisoned_call(unaligned_rows(scores), **kwargs)
     info = launch_lines(capfd, "long rows")
     assert info and "long rows: two reads" in info[-1], info
     assert torch.equal(bits(contiguous), bits(twice.contiguous()))
@@ -639,6 +637,15 @@ WHOLE_CASES = [
     ("cluster8-one-chunk-over", torch.bfloat16, 3, 2, 1, 65544, dict(layer_scale=0.3)),
     ("f32-cluster16-partial", torch.float32, 1, 3, 1, 100004, dict()),
 ]
+
+
+def unaligned_rows(scores):
+    """A copy of `scores` whose rows start one element past a 16-byte boundary (rows read twice by
+    the long-row kernel, strided loads elsewhere)."""
+    B, H, Q, K = scores.shape
+    view = torch.empty(B, H, Q, K + 1, device=scores.device, dtype=scores.dtype)[..., 1:]
+    view.copy_(scores)
+    return view
 
 
 def whole_and_general(scores, capfd, **kwargs):
@@ -735,9 +742,7 @@ def test_huge_logits(case):
     level = torch.randint(0, 8, (B, H, Q, K), device="cuda", generator=gen).double()
     scores = (base * (1 - torch.sign(torch.tensor(base)) * level / 16)).to(dtype)
     if kwargs.pop("unaligned", False):
-        view = torch.empty(B, H, Q, K + 1, device="cuda", dtype=dtype)[..., 1:]
-        view.copy_(scores)
-        scores = view
+        scores = unaligned_rows(scores)
     if kwargs.pop("mask", False):
         keep = torch.rand(B, 1, 1, K, device="cuda", generator=gen) > 0.1
         kwargs["mask"] = torch.where(keep, 0.0, float("-inf"))
@@ -769,9 +774,7 @@ def test_long_rows_huge_and_ordinary_in_turn(unaligned):
     is_huge = (torch.arange(H, device="cuda") % 3 == 0).view(1, H, 1, 1)
     scores = torch.where(is_huge, 1.7e10 * (1 - level / 16), ordinary).to(dtype)
     if unaligned:
-        view = torch.empty(B, H, Q, K + 1, device="cuda", dtype=dtype)[..., 1:]
-        view.copy_(scores)
-        scores = view
+        scores = unaligned_rows(scores)
     out = poisoned_call(scores)
     ref = oracle(scores, compute_dtype=torch.float32).double()
     assert not out.isnan().any()

@@ -143,6 +143,12 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
     // both against this one (f32m, after v21).
     constexpr int U = sizeof(T) == 2 ? 4 : 1;
     MS st{neg_inf(), 0.0f};
+    // The logits of this thread's chunk of the piece in slot s, whose first key is j0.
+    auto logits = [&](int s, Pos j0, float (&x)[V]) {
+      float sv[V];
+      unpack_chunk<T>(lds128(ring + static_cast<size_t>(s) * kPieceBytes + tid * 16), sv);
+      chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, j0, sv, x);
+    };
     // A row of huge logits: this thread's sum again, one staged piece at a time (reduce_row).
     auto huge_sum = [&](float m) {
       float sum = 0.0f;
@@ -150,9 +156,8 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
       for (int i = 0; i < pieces; ++i) {
         const Pos ch = g + i * G;
         if (ch < nchunks && r.visible(ch * V, V)) {
-          float sv[V], x[V];
-          unpack_chunk<T>(lds128(ring + static_cast<size_t>(s) * kPieceBytes + tid * 16), sv);
-          chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, ch * V, sv, x);
+          float x[V];
+          logits(s, ch * V, x);
           sum += huge_chunk_sum(x, m);
         }
         if (++s == slots) s = 0;
@@ -160,11 +165,6 @@ __device__ __forceinline__ void staged_rows(const SoftmaxParams& P, int cluster,
       return sum;
     };
     if constexpr (U == 1) {
-      auto logits = [&](int s, Pos j0, float (&x)[V]) {
-        float sv[V];
-        unpack_chunk<T>(lds128(ring + static_cast<size_t>(s) * kPieceBytes + tid * 16), sv);
-        chunk_logits_along_k<T, MK, BK, V, Pos>(P, r, j0, sv, x);
-      };
       {
         int s = s0;
         uint32_t par = par0;
