@@ -730,7 +730,8 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
 #pragma unroll
       for (int a = 0; a < A; ++a) acc[a] = 0.0f;
       float sh = shift, to_log2_k = to_log2;
-      if (needs_exact_shift(shift)) {  // a row of huge logits: the difference first (common.cuh)
+      const bool huge = needs_exact_shift(shift);
+      if (__any_sync(0xffffffffu, huge) && huge) {  // a row of huge logits: the difference first (common.cuh)
 #pragma unroll
         for (int c = 0; c < C; ++c) {
           if (!vis[c]) continue;
