@@ -730,8 +730,12 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
 #pragma unroll
       for (int a = 0; a < A; ++a) acc[a] = 0.0f;
       float sh = shift, to_log2_k = to_log2;
+      // A row of huge logits: the difference first (common.cuh). The warp votes first: a branch on
+      // the vote is the same in every lane, so ptxas puts no convergence barrier around it. (With
+      // the test in each lane alone, ptxas laid out the whole kernel around that barrier, and BLOOM
+      // prefill took 2 % longer on an H200: docs/perf.md, "v38".)
       const bool huge = needs_exact_shift(shift);
-      if (__any_sync(0xffffffffu, huge) && huge) {  // a row of huge logits: the difference first (common.cuh)
+      if (__any_sync(0xffffffffu, huge) && huge) {
 #pragma unroll
         for (int c = 0; c < C; ++c) {
           if (!vis[c]) continue;
