@@ -482,6 +482,10 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // kernels that can take them at all, repeats part of bulk_stores at compile time: without it the
   // cluster kernels without operand tensors come out of ptxas with other register choices.)
   constexpr bool kBulkOut = ALIGNED && !CLUSTER && !WS;
+  // Blocks of rows within a warp (rt <= 32, decided at run time) without a cluster or producer
+  // warp release a stage to warp 0 through a named barrier (kFreeBar + stage) instead of meeting
+  // at a block barrier each tile.
+  constexpr bool kFreeArrive = ALIGNED && !CLUSTER && !WS;
   const bool bulk_out = kBulkOut && bulk_stores(C, rt, ALIGNED, CLUSTER, P.window);
   // WHOLE rows of raw logits (scale > 0) test no chunk at all: the slot positions of chunks past
   // the row's end, the same in every tile (every row has K keys) and never copied to, hold -inf
@@ -764,6 +768,10 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
 
     // Reduce: the warps of the row (rt > 32), then the blocks of the cluster.
     const bool block_rows = CLUSTER || rt > 32;
+    // The stage warp 0 refills after this tile (with bulk_out the tile before's, one tile later),
+    // and whether it refills one.
+    const int refill_stage = bulk_out ? (s == 0 ? L.stages - 1 : s - 1) : s;
+    const bool refills = (bulk_out ? t - nunits : t) + L.stages * nunits < ntiles && (!bulk_out || k > 0);
     const int par = k & 1;
     if (block_rows && (tid & 31) == 0) {
       sh.warp_max[par][warp] = st.m;
@@ -779,7 +787,17 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       }
     } else if (block_rows || ALIGNED) {
       if (bulk_out && k > 0) bulk_wait_read();  // the outputs of the tile before have left its stage
-      __syncthreads();
+      if (kFreeArrive && !block_rows) {
+        // Rows within a warp: no warp waits for another. The warps other than warp 0 tell it that
+        // they are done with the stage it refills next (as the compute warps of warp-specialised
+        // blocks tell their producer), and warp 0 waits for them only before that refill.
+        if (warp != 0 && refills) {
+          __syncwarp();
+          bar_arrive(kFreeBar + refill_stage, NT);
+        }
+      } else {
+        __syncthreads();
+      }
     }
     if (block_rows) {
       const int w0 = row_in_tile * (rt >> 5);
@@ -895,6 +913,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         if (t2 < ntiles)
           issue_linear_piece<T>(P, ts_shared, t2, stage_mem + sp * L.stage_bytes, smem_u32(&sh.full[sp]), warp);
       } else if (!WS && (kIssueParts > 1 || warp == 0) && t2 < ntiles && (!bulk_out || k > 0)) {
+        if (kFreeArrive && !block_rows) bar_sync(kFreeBar + sp, NT);  // every warp is done with stage sp
         issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t2, rows, stage_mem + sp * L.stage_bytes,
                                                    smem_u32(&sh.full[sp]), row_table + sp * L.table_bytes,
                                                    kIssueParts > 1 ? warp : 0);
