@@ -485,7 +485,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // Blocks of rows within a warp (rt <= 32, decided at run time) without a cluster or producer
   // warp release a stage to warp 0 through a named barrier (kFreeBar + stage) instead of meeting
   // at a block barrier each tile.
-  constexpr bool kFreeArrive = ALIGNED && !CLUSTER && !WS;
+  constexpr bool kFreeArrive = ALIGNED && !CLUSTER && !WS && (MK != MaskKind::kNone || BK != BiasKind::kNone);
   const bool bulk_out = kBulkOut && bulk_stores(C, rt, ALIGNED, CLUSTER, P.window);
   // WHOLE rows of raw logits (scale > 0) test no chunk at all: the slot positions of chunks past
   // the row's end, the same in every tile (every row has K keys) and never copied to, hold -inf
@@ -787,7 +787,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       }
     } else if (block_rows || ALIGNED) {
       if (bulk_out && k > 0) bulk_wait_read();  // the outputs of the tile before have left its stage
-      if (kFreeArrive && !block_rows) {
+      if (kFreeArrive && bulk_out && !block_rows) {
         // Rows within a warp: no warp waits for another. The warps other than warp 0 tell it that
         // they are done with the stage it refills next (as the compute warps of warp-specialised
         // blocks tell their producer), and warp 0 waits for them only before that refill.
@@ -913,7 +913,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         if (t2 < ntiles)
           issue_linear_piece<T>(P, ts_shared, t2, stage_mem + sp * L.stage_bytes, smem_u32(&sh.full[sp]), warp);
       } else if (!WS && (kIssueParts > 1 || warp == 0) && t2 < ntiles && (!bulk_out || k > 0)) {
-        if (kFreeArrive && !block_rows) bar_sync(kFreeBar + sp, NT);  // every warp is done with stage sp
+        if (kFreeArrive && bulk_out && !block_rows) bar_sync(kFreeBar + sp, NT);  // every warp is done with stage sp
         issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t2, rows, stage_mem + sp * L.stage_bytes,
                                                    smem_u32(&sh.full[sp]), row_table + sp * L.table_bytes,
                                                    kIssueParts > 1 ? warp : 0);
