@@ -2,7 +2,7 @@
 
 Small shapes so the sanitizer finishes quickly; covers each row configuration (one thread,
 sub-warp, warp, block, clusters of 2 to 16 blocks, long rows staged and read twice), aligned and strided operands, masks,
-alibi, in place, and the WHOLE kernels of rows that see every key.
+alibi, in place, the WHOLE kernels of rows that see every key, and stages refilled many times.
 """
 
 import torch
@@ -30,6 +30,13 @@ for dtype in (torch.float16, torch.float32):
     s = torch.randn(1, 208, 1, 32776, device=dev).to(dtype)
     attention_softmax(s, layer_scale=0.5)
     attention_softmax(s, inplace=True)
+# Rows within a warp with bulk stores and a mask, with more tiles than three times the resident
+# blocks, so that every stage is released to warp 0 and refilled; and rows of 8 threads, which
+# meet at a block barrier instead.
+for dtype, K, Q in ((torch.bfloat16, 1024, 1100), (torch.float32, 512, 800), (torch.float16, 512, 800)):
+    s = torch.randn(2, 8, Q, K, device=dev).to(dtype)
+    pad = torch.where(torch.rand(2, 1, 1, K, device=dev) > 0.1, 0.0, -1e4).to(dtype)
+    attention_softmax(s, mask=pad, causal=True)
 # Long rows, staged: more rows than the resident clusters take at once, so each block's ring of
 # 27 pieces wraps (96 rows of 17 pieces over about 33 clusters of 4); the window leaves pieces
 # empty.

@@ -459,7 +459,10 @@ def test_streaming_path_and_cluster_path_reported():
 
 # Many more tiles than resident blocks: every stage of the copy pipeline is reused many times
 # (mbarrier phases wrap), with rows per tile from 256 (K = 8) to one row slice per cluster block
-# (one block of 512 threads a row: 132 resident on an H100; clusters of 16 such blocks: 7).
+# (one block of 512 threads a row: 132 resident on an H100; clusters of 16 such blocks: 7). The
+# causal rows with a pad mask alone are those whose warps release each stage to warp 0 through a
+# named barrier where rows of 16 to 32 threads send their outputs by bulk copies (float32 K = 512,
+# float16 K = 2048), and meet at a block barrier elsewhere.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("K,B,H,Q", [(8, 64, 16, 256), (512, 16, 16, 256), (4096, 64, 32, 1), (2048, 2, 8, 2048),
                                      (20000, 4, 8, 64), (65536, 8, 32, 1), (300000, 1, 24, 1)])
@@ -472,7 +475,7 @@ def test_many_tiles_per_block(K, B, H, Q, dtype):
         pad[b, ..., : (b * K) // (2 * B)] = float("-inf")
     alibi = torch.randn(B, H_total, K, device="cuda", generator=gen).to(dtype)
     for kwargs in (dict(causal=True), dict(causal=True, mask=pad, alibi=alibi.view(B * H_total, 1, K), head_offset=2),
-                   dict(mask=pad, window=max(1, K // 3))):
+                   dict(mask=pad, window=max(1, K // 3)), dict(causal=True, mask=pad)):
         out = poisoned_call(scores, **kwargs)
         rows = torch.randperm(B * H * Q, device="cuda", generator=gen)[:512]
         b, rest = rows // (H * Q), rows % (H * Q)

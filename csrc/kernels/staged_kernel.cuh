@@ -482,9 +482,11 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
   // kernels that can take them at all, repeats part of bulk_stores at compile time: without it the
   // cluster kernels without operand tensors come out of ptxas with other register choices.)
   constexpr bool kBulkOut = ALIGNED && !CLUSTER && !WS;
-  // Blocks of rows within a warp (rt <= 32, decided at run time) without a cluster or producer
-  // warp release a stage to warp 0 through a named barrier (kFreeBar + stage) instead of meeting
-  // at a block barrier each tile.
+  // Blocks of rows within a warp (rt <= 32) with bulk stores (both decided at run time), without a
+  // cluster or producer warp and with a mask or bias tensor, release a stage to warp 0 through a
+  // named barrier (kFreeBar + stage) instead of meeting at a block barrier each tile. (Rows of 8
+  // threads lost 1 % with it, and the kernels without operand tensors, which rows wider than a
+  // warp share, 1.4 % from their layout alone: docs/perf.md, "v39".)
   constexpr bool kFreeArrive = ALIGNED && !CLUSTER && !WS && (MK != MaskKind::kNone || BK != BiasKind::kNone);
   const bool bulk_out = kBulkOut && bulk_stores(C, rt, ALIGNED, CLUSTER, P.window);
   // WHOLE rows of raw logits (scale > 0) test no chunk at all: the slot positions of chunks past
@@ -769,7 +771,9 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     // Reduce: the warps of the row (rt > 32), then the blocks of the cluster.
     const bool block_rows = CLUSTER || rt > 32;
     // The stage warp 0 refills after this tile (with bulk_out the tile before's, one tile later),
-    // and whether it refills one.
+    // and whether it refills one: the refill's own sp and t2 below, formed again here. (Formed
+    // once for both, or through one helper, they changed the machine code of 40 to 48 kernels,
+    // among them some that take the block barrier.)
     const int refill_stage = bulk_out ? (s == 0 ? L.stages - 1 : s - 1) : s;
     const bool refills = (bulk_out ? t - nunits : t) + L.stages * nunits < ntiles && (!bulk_out || k > 0);
     const int par = k & 1;
@@ -903,10 +907,10 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     }
     timeline_tile(k, 3);
     if constexpr (ALIGNED) {
-      // Every thread was done with stage s at the barrier above: refill it. (Here, not right after
-      // the barrier, where the copy warp's work would add to the registers that hold the logits.)
-      // With bulk_out, the stage of the tile before instead: every thread's bulk stores of it had
-      // read it before the barrier above.
+      // Every thread was done with stage s at the barrier above (or, where the warps release it,
+      // at warp 0's wait below): refill it. (Here, not right after the barrier, where the copy
+      // warp's work would add to the registers that hold the logits.) With bulk_out, the stage of
+      // the tile before instead: every thread's bulk stores of it had read it before the barrier.
       const int sp = bulk_out ? (s == 0 ? L.stages - 1 : s - 1) : s;
       const int64_t t2 = (bulk_out ? t - nunits : t) + L.stages * nunits;
       if constexpr (WHOLE) {
