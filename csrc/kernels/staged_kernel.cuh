@@ -776,6 +776,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     // among them some that take the block barrier.)
     const int refill_stage = bulk_out ? (s == 0 ? L.stages - 1 : s - 1) : s;
     const bool refills = (bulk_out ? t - nunits : t) + L.stages * nunits < ntiles && (!bulk_out || k > 0);
+    const bool release = kFreeArrive && bulk_out && !block_rows;  // a named barrier, not the block's
     const int par = k & 1;
     if (block_rows && (tid & 31) == 0) {
       sh.warp_max[par][warp] = st.m;
@@ -791,7 +792,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       }
     } else if (block_rows || ALIGNED) {
       if (bulk_out && k > 0) bulk_wait_read();  // the outputs of the tile before have left its stage
-      if (kFreeArrive && bulk_out && !block_rows) {
+      if (release) {
         // Rows within a warp: no warp waits for another. The warps other than warp 0 tell it that
         // they are done with the stage it refills next (as the compute warps of warp-specialised
         // blocks tell their producer), and warp 0 waits for them only before that refill.
@@ -917,7 +918,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         if (t2 < ntiles)
           issue_linear_piece<T>(P, ts_shared, t2, stage_mem + sp * L.stage_bytes, smem_u32(&sh.full[sp]), warp);
       } else if (!WS && (kIssueParts > 1 || warp == 0) && t2 < ntiles && (!bulk_out || k > 0)) {
-        if (kFreeArrive && bulk_out && !block_rows) bar_sync(kFreeBar + sp, NT);  // every warp is done with stage sp
+        if (release) bar_sync(kFreeBar + sp, NT);  // every warp is done with stage sp
         issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t2, rows, stage_mem + sp * L.stage_bytes,
                                                    smem_u32(&sh.full[sp]), row_table + sp * L.table_bytes,
                                                    kIssueParts > 1 ? warp : 0);
