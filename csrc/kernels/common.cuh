@@ -255,9 +255,12 @@ __device__ __forceinline__ float form_value(float s, float scale, float b, float
 }
 
 // Causal / window hiding for a chunk that straddles lo or hi (chunks fully inside skip it).
-template <int V, typename Pos>
+// VOTE: the whole warp runs here, and hides where one of its lanes' chunks straddles (a branch
+// that is the same in every lane).
+template <int V, typename Pos, bool VOTE = false>
 __device__ __forceinline__ void hide_outside(float (&x)[V], Pos j0, Pos lo, Pos hi) {
-  if (j0 < lo || j0 + V - 1 > hi) {
+  const bool straddles = j0 < lo || j0 + V - 1 > hi;
+  if (VOTE ? __any_sync(0xffffffffu, straddles) : straddles) {
 #pragma unroll
     for (int e = 0; e < V; ++e)
       if (j0 + e < lo || j0 + e > hi) x[e] = neg_inf();
@@ -296,7 +299,8 @@ __device__ __forceinline__ bool mask_byte_set(const Vec<uint8_t, V>& m, int e) {
 // x for the V keys of chunk j0 from the scores `sv` and the chunk's operand values `m` / `b`
 // (already read: the mask and bias elements of keys j0 .. j0 + V - 1). HIDE = false: the caller
 // knows the row sees every key (no causal or window hiding to test).
-template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos, bool RAW = false, bool HIDE = true>
+template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos, bool RAW = false, bool HIDE = true,
+          bool VOTE = false>
 __device__ __forceinline__ void chunk_logits_vals(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
                                                   const float (&sv)[V],
                                                   const Vec<typename Row<T, MK, BK, Pos>::MaskT, V>& m,
@@ -316,7 +320,7 @@ __device__ __forceinline__ void chunk_logits_vals(const SoftmaxParams& P, const 
     }
     x[e] = form_value<MK, BK, Pos, RAW>(sv[e], P.layer_scale, bb, mm, r.slope, r.p, j0 + e);
   }
-  if constexpr (HIDE) hide_outside<V, Pos>(x, j0, r.lo, r.hi);
+  if constexpr (HIDE) hide_outside<V, Pos, VOTE>(x, j0, r.lo, r.hi);
 }
 
 // The V operand elements at `p` (global or shared memory) as one vector.
@@ -327,7 +331,7 @@ __device__ __forceinline__ Vec<OT, V> read_vec(const OT* p) {
 
 // The same with the chunk's operands read here as one vector each from `mc` / `bc` (global or
 // shared memory).
-template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos, bool RAW = false>
+template <typename T, MaskKind MK, BiasKind BK, int V, typename Pos, bool RAW = false, bool VOTE = false>
 __device__ __forceinline__ void chunk_logits_from(const SoftmaxParams& P, const Row<T, MK, BK, Pos>& r, Pos j0,
                                                   const float (&sv)[V], const typename Row<T, MK, BK, Pos>::MaskT* mc,
                                                   const typename Row<T, MK, BK, Pos>::BiasT* bc, float (&x)[V]) {
@@ -336,7 +340,7 @@ __device__ __forceinline__ void chunk_logits_from(const SoftmaxParams& P, const 
   Vec<typename R::BiasT, V> b;
   if constexpr (R::kMask) m = read_vec<V>(mc);
   if constexpr (R::kBias) b = read_vec<V>(bc);
-  chunk_logits_vals<T, MK, BK, V, Pos, RAW>(P, r, j0, sv, m, b, x);
+  chunk_logits_vals<T, MK, BK, V, Pos, RAW, true, VOTE>(P, r, j0, sv, m, b, x);
 }
 
 // x for the V keys of chunk j0 from the scores `sv` already read and 16-byte (bool: V-byte)

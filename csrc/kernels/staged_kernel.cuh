@@ -654,6 +654,16 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       const int ch = c * ch_step + ch_base;
       vis[c] = kPadded || (active && ch < ts.nchunks && (WHOLE || r.visible(ch * V, V)));
     }
+    // Whether some lane of the warp sees chunk c: the warp forms a chunk's logits, exponents and
+    // outputs when one of its lanes does, so that the branches are the same in every lane (ptxas
+    // puts no convergence barrier around them). A lane whose chunk is hidden then forms -inf
+    // logits (hide_outside: its keys lie outside the row's span), exponents of 0 that add +0 to
+    // its sum, and outputs 0 * factor, which are the hidden chunk's value: the same bits. (A lane
+    // of a row past the last forms row 0's values, and stores nothing.) Not in the WHOLE kernels
+    // whose slots past the row's end are not padded: they do not hide keys (HIDE = false below).
+    bool wvis[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) wvis[c] = kPadded || (WHOLE ? vis[c] : __any_sync(0xffffffffu, vis[c]));
 
     if constexpr (ALIGNED) mbar_wait(smem_u32(&sh.full[s]), phase);
     timeline_tile(k, 0);
@@ -694,17 +704,17 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       if constexpr (kHoist) {
         if (c + 1 < C) read_chunk(c + 1, (c + 1) & 1);
       }
-      if (!vis[c]) continue;
+      if (!wvis[c]) continue;
       const int j0 = (c * ch_step + ch_base) * V;
       if constexpr (kHoist) {
         float sv[V];
         unpack_chunk<T>(raw[c & 1], sv);
-        chunk_logits_vals<T, MK, BK, V, int, RAW, !WHOLE>(P, r, j0, sv, mraw[c & 1], braw[c & 1], kept[c]);
+        chunk_logits_vals<T, MK, BK, V, int, RAW, !WHOLE, !WHOLE>(P, r, j0, sv, mraw[c & 1], braw[c & 1], kept[c]);
       } else if constexpr (ALIGNED) {
         float sv[V];
         unpack_chunk<T>(lds128(my_slot + static_cast<size_t>(c * t_rt + t_lane) * 16), sv);
-        chunk_logits_from<T, MK, BK, V, int, RAW>(P, r, j0, sv, mask_src + (c * mask_step + mask_ofs) * V,
-                                                  bias_src + (c * bias_step + bias_ofs) * V, kept[c]);
+        const int mi = vis[c] ? c * mask_step + mask_ofs : 0, bi = vis[c] ? c * bias_step + bias_ofs : 0;
+        chunk_logits_from<T, MK, BK, V, int, RAW, !WHOLE>(P, r, j0, sv, mask_src + mi * V, bias_src + bi * V, kept[c]);
       } else {
         chunk_logits_strided<T, MK, BK, V, int, RAW>(P, r, j0, kept[c]);
       }
@@ -754,7 +764,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       }
 #pragma unroll
       for (int c = 0; c < C; ++c) {
-        if (!vis[c]) continue;
+        if (!wvis[c]) continue;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           kept[c][e] = fast_exp2(fmaf(kept[c][e], to_log2_k, -sh));
@@ -839,7 +849,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         const int ch = c * t_rt + t_lane;
         if (!active || ch >= ts.nchunks) continue;
         uint4 v = hidden_chunk;
-        if (vis[c]) {
+        if (wvis[c]) {
           float y[V];
 #pragma unroll
           for (int e = 0; e < V; ++e) y[e] = kept[c][e] * factor;
@@ -886,7 +896,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       const int ch = c * ch_step + ch_base;
       if (kPadded || bulk_out || !active || ch >= ts.nchunks) continue;
       if constexpr (ALIGNED) {
-        if (vis[c]) {
+        if (wvis[c]) {
           float y[V];
 #pragma unroll
           for (int e = 0; e < V; ++e) y[e] = kept[c][e] * factor;
@@ -896,7 +906,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         }
       } else {
         float y[V];
-        if (vis[c]) {
+        if (wvis[c]) {
 #pragma unroll
           for (int e = 0; e < V; ++e) y[e] = kept[c][e] * factor;
         } else {
