@@ -661,9 +661,12 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     // its sum, and outputs 0 * factor, which are the hidden chunk's value: the same bits. (A lane
     // of a row past the last forms row 0's values, and stores nothing.) Not in the WHOLE kernels
     // whose slots past the row's end are not padded: they do not hide keys (HIDE = false below).
+    // Not in warp-specialised blocks either: there ptxas laid out the kernel worse with the votes,
+    // and bloom and decode-b64 took 5 % longer on an H200 (docs/perf.md, "After v39").
+    constexpr bool kVoteVis = !WHOLE && !WS;
     bool wvis[C];
 #pragma unroll
-    for (int c = 0; c < C; ++c) wvis[c] = kPadded || (WHOLE ? vis[c] : __any_sync(0xffffffffu, vis[c]));
+    for (int c = 0; c < C; ++c) wvis[c] = kPadded || (kVoteVis ? __any_sync(0xffffffffu, vis[c]) : vis[c]);
 
     if constexpr (ALIGNED) mbar_wait(smem_u32(&sh.full[s]), phase);
     timeline_tile(k, 0);
@@ -709,12 +712,12 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       if constexpr (kHoist) {
         float sv[V];
         unpack_chunk<T>(raw[c & 1], sv);
-        chunk_logits_vals<T, MK, BK, V, int, RAW, !WHOLE, !WHOLE>(P, r, j0, sv, mraw[c & 1], braw[c & 1], kept[c]);
+        chunk_logits_vals<T, MK, BK, V, int, RAW, !WHOLE, kVoteVis>(P, r, j0, sv, mraw[c & 1], braw[c & 1], kept[c]);
       } else if constexpr (ALIGNED) {
         float sv[V];
         unpack_chunk<T>(lds128(my_slot + static_cast<size_t>(c * t_rt + t_lane) * 16), sv);
         const int mi = vis[c] ? c * mask_step + mask_ofs : 0, bi = vis[c] ? c * bias_step + bias_ofs : 0;
-        chunk_logits_from<T, MK, BK, V, int, RAW, !WHOLE>(P, r, j0, sv, mask_src + mi * V, bias_src + bi * V, kept[c]);
+        chunk_logits_from<T, MK, BK, V, int, RAW, kVoteVis>(P, r, j0, sv, mask_src + mi * V, bias_src + bi * V, kept[c]);
       } else {
         chunk_logits_strided<T, MK, BK, V, int, RAW>(P, r, j0, kept[c]);
       }
