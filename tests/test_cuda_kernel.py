@@ -270,6 +270,50 @@ def test_nan_placement(K, dtype):
         assert (out[idx].double() - ref[idx]).abs().max() < 1e-2
 
 
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+# Warps that straddle a causal or window edge: several rows of few threads a warp (8 and 16
+# threads a row), BLOOM-like rows with mask and alibi tensors (a producer warp), a window with and
+# without causal, rows past the last of a block's tiles.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,kw", [
+    ((2, 5, 33, 512), dict(causal=True, pad=True)),
+    ((3, 5, 99, 1000), dict(causal=True, pad=True)),
+    ((1, 3, 37, 2048), dict(causal=True, alibi=True, pad=True)),
+    ((2, 4, 61, 1000), dict(causal=True, window=100)),
+    ((1, 2, 16, 4096), dict(window=300)),
+], ids=["s512", "s1000", "bloomlike", "causal-window", "window"])
+def test_hidden_scores_never_reach_the_output(shape, kw, dtype):
+    # NaN and +inf at every hidden position (SPEC 1.1: no effect) give the same bits as finite
+    # scores there: a lane whose chunk is hidden forms -inf logits whatever it reads.
+    B, H, Q, K = shape
+    g = torch.Generator(device="cuda").manual_seed(B * Q + K)
+    scores = torch.randn(B, H, Q, K, device="cuda", generator=g).mul_(4).to(dtype)
+    p = torch.arange(Q, device="cuda").view(Q, 1) + (K - Q)
+    j = torch.arange(K, device="cuda").view(1, K)
+    hidden = torch.zeros(Q, K, dtype=torch.bool, device="cuda")
+    if kw.get("causal"):
+        hidden |= j > p
+    if kw.get("window"):
+        hidden |= j <= p - kw["window"]
+    assert hidden.any() and not hidden.all()
+    poison = torch.where(j % 2 == 0, float("nan"), float("inf")).expand(Q, K)
+    poisoned = torch.where(hidden, poison, scores.float()).to(dtype)
+    args = dict(causal=kw.get("causal", False), window=kw.get("window"))
+    if kw.get("pad"):
+        keep = torch.rand(B, 1, 1, K, device="cuda", generator=g) > 0.1
+        args["mask"] = torch.where(keep, 0.0, -1e4).to(dtype)
+    if kw.get("alibi"):
+        slopes = tp_softmax.alibi_slopes(H).cuda()
+        args["alibi"] = (slopes.view(1, H, 1, 1) * j.view(1, 1, 1, K)).to(dtype)
+    clean = attention_softmax(scores, **args)
+    dirty = attention_softmax(poisoned, **args)
+    assert torch.isfinite(clean).all()
+    assert torch.equal(_bits(clean), _bits(dirty))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("K", [17, 2048, 40000])
 def test_inplace(K, dtype):
