@@ -8,8 +8,9 @@ frame beyond 8 bytes. Hot variants: the one-read (staged) kernel with 16-byte al
 every contiguous tensor with K a multiple of the vector width takes, with and without a cluster,
 and the long-row kernel's staged variants (its last template flag; rows of more than 16 x 32 KiB).
 The allowed exception is reported: at most 8 bytes of stack (one or two values stored before the
-tile loop and reloaded once per tile, outside the chunk loops; no hot variant needs it at present,
-earlier versions did). The strided/unaligned variants and the long-row kernel's two-read variants
+tile loop and reloaded once per tile, outside the chunk loops: at present the 16-bit rows with an
+additive mask, 16-bit or float32, and alibi slopes, 8 chunks a thread, without a cluster). The
+strided/unaligned variants and the long-row kernel's two-read variants
 are reported but allowed to spill.
 """
 
