@@ -716,6 +716,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       } else if constexpr (ALIGNED) {
         float sv[V];
         unpack_chunk<T>(lds128(my_slot + static_cast<size_t>(c * t_rt + t_lane) * 16), sv);
+        // (A lane whose chunk is hidden reads its operand rows' first chunk: in bounds, as above.)
         const int mi = vis[c] ? c * mask_step + mask_ofs : 0, bi = vis[c] ? c * bias_step + bias_ofs : 0;
         chunk_logits_from<T, MK, BK, V, int, RAW, kVoteVis>(P, r, j0, sv, mask_src + mi * V, bias_src + bi * V, kept[c]);
       } else {
