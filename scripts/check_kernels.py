@@ -10,8 +10,8 @@ and the long-row kernel's staged variants (its last template flag; rows of more 
 The allowed exception is reported: at most 8 bytes of stack (one or two values stored before the
 tile loop and reloaded once per tile, outside the chunk loops: at present the 16-bit rows with an
 additive mask, 16-bit or float32, and alibi slopes, 8 chunks a thread, without a cluster). The
-strided/unaligned variants and the long-row kernel's two-read variants
-are reported but allowed to spill.
+strided/unaligned variants and the long-row kernel's two-read variants are reported but allowed
+to spill.
 """
 
 import argparse

@@ -270,10 +270,6 @@ def test_nan_placement(K, dtype):
         assert (out[idx].double() - ref[idx]).abs().max() < 1e-2
 
 
-def _bits(t):
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
 # Warps that straddle a causal or window edge: several rows of few threads a warp (8 and 16
 # threads a row), BLOOM-like rows with mask and alibi tensors (a producer warp), a window with and
 # without causal, rows past the last of a block's tiles.
@@ -311,7 +307,7 @@ def test_hidden_scores_never_reach_the_output(shape, kw, dtype):
     clean = attention_softmax(scores, **args)
     dirty = attention_softmax(poisoned, **args)
     assert torch.isfinite(clean).all()
-    assert torch.equal(_bits(clean), _bits(dirty))
+    assert torch.equal(bits(clean), bits(dirty))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

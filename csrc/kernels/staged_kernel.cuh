@@ -666,7 +666,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
     constexpr bool kVoteVis = !WHOLE && !WS;
     bool wvis[C];
 #pragma unroll
-    for (int c = 0; c < C; ++c) wvis[c] = kPadded || (kVoteVis ? __any_sync(0xffffffffu, vis[c]) : vis[c]);
+    for (int c = 0; c < C; ++c) wvis[c] = kVoteVis ? __any_sync(0xffffffffu, vis[c]) : vis[c];
 
     if constexpr (ALIGNED) mbar_wait(smem_u32(&sh.full[s]), phase);
     timeline_tile(k, 0);
