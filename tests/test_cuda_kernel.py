@@ -37,6 +37,19 @@ def kernel_loaded():
     warnings.resetwarnings()
 
 
+def hidden_positions(Q, K, causal, window, dev):
+    """[Q, K] bool: the keys that causal / window hiding hides, bottom-right aligned (query i
+    sits at position i + K - Q)."""
+    p = torch.arange(Q, device=dev).view(Q, 1) + (K - Q)
+    j = torch.arange(K, device=dev).view(1, K)
+    hidden = torch.zeros(Q, K, dtype=torch.bool, device=dev)
+    if causal:
+        hidden |= j > p
+    if window is not None:
+        hidden |= j <= p - window
+    return hidden
+
+
 def oracle(scores, *, layer_scale=1.0, alibi=None, alibi_slopes=None, mask=None, causal=False,
            window=None, head_offset=0, compute_dtype=torch.float64):
     """SPEC section 1 written out densely in `compute_dtype` (independent of the package)."""
@@ -60,14 +73,7 @@ def oracle(scores, *, layer_scale=1.0, alibi=None, alibi_slopes=None, mask=None,
             x = x.masked_fill(~mask, float("-inf"))
         else:
             x = x + mask.to(compute_dtype)
-    i = torch.arange(Q, device=dev).view(Q, 1) + (K - Q)
-    j = torch.arange(K, device=dev).view(1, K)
-    hidden = torch.zeros(Q, K, dtype=torch.bool, device=dev)
-    if causal:
-        hidden |= j > i
-    if window is not None:
-        hidden |= j <= i - window
-    x = x.masked_fill(hidden, float("-inf"))
+    x = x.masked_fill(hidden_positions(Q, K, causal, window, dev), float("-inf"))
     m = x.amax(-1, keepdim=True)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
     e = (x - m).exp()
@@ -287,14 +293,9 @@ def test_hidden_scores_never_reach_the_output(shape, kw, dtype):
     B, H, Q, K = shape
     g = torch.Generator(device="cuda").manual_seed(B * Q + K)
     scores = torch.randn(B, H, Q, K, device="cuda", generator=g).mul_(4).to(dtype)
-    p = torch.arange(Q, device="cuda").view(Q, 1) + (K - Q)
-    j = torch.arange(K, device="cuda").view(1, K)
-    hidden = torch.zeros(Q, K, dtype=torch.bool, device="cuda")
-    if kw.get("causal"):
-        hidden |= j > p
-    if kw.get("window"):
-        hidden |= j <= p - kw["window"]
+    hidden = hidden_positions(Q, K, kw.get("causal", False), kw.get("window"), "cuda")
     assert hidden.any() and not hidden.all()
+    j = torch.arange(K, device="cuda").view(1, K)
     poison = torch.where(j % 2 == 0, float("nan"), float("inf")).expand(Q, K)
     poisoned = torch.where(hidden, poison, scores.float()).to(dtype)
     args = dict(causal=kw.get("causal", False), window=kw.get("window"))
