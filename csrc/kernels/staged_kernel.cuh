@@ -784,12 +784,11 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
 
     // Reduce: the warps of the row (rt > 32), then the blocks of the cluster.
     const bool block_rows = CLUSTER || rt > 32;
-    // The stage warp 0 refills after this tile (with bulk_out the tile before's, one tile later),
-    // and whether it refills one: the refill's own sp and t2 below, formed again here. (Formed
-    // once for both, or through one helper, they changed the machine code of 40 to 48 kernels,
-    // among them some that take the block barrier.)
-    const int refill_stage = bulk_out ? (s == 0 ? L.stages - 1 : s - 1) : s;
-    const bool refills = (bulk_out ? t - nunits : t) + L.stages * nunits < ntiles && (!bulk_out || k > 0);
+    // The refill after this tile: tile t2 into stage sp (with bulk_out the stage of the tile
+    // before, one tile later, once its outputs have left it), and whether there is one.
+    const int sp = bulk_out ? (s == 0 ? L.stages - 1 : s - 1) : s;
+    const int64_t t2 = (bulk_out ? t - nunits : t) + L.stages * nunits;
+    const bool refills = t2 < ntiles && (!bulk_out || k > 0);
     const bool release = kFreeArrive && bulk_out && !block_rows;  // a named barrier, not the block's
     const int par = k & 1;
     if (block_rows && (tid & 31) == 0) {
@@ -812,7 +811,7 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
         // blocks tell their producer), and warp 0 waits for them only before that refill.
         if (warp != 0 && refills) {
           __syncwarp();
-          bar_arrive(kFreeBar + refill_stage, NT);
+          bar_arrive(kFreeBar + sp, NT);
         }
       } else {
         __syncthreads();
@@ -926,12 +925,10 @@ staged_softmax_kernel(const SoftmaxParams P, int rt, int cluster_arg, int64_t nt
       // at warp 0's wait below): refill it. (Here, not right after the barrier, where the copy
       // warp's work would add to the registers that hold the logits.) With bulk_out, the stage of
       // the tile before instead: every thread's bulk stores of it had read it before the barrier.
-      const int sp = bulk_out ? (s == 0 ? L.stages - 1 : s - 1) : s;
-      const int64_t t2 = (bulk_out ? t - nunits : t) + L.stages * nunits;
       if constexpr (WHOLE) {
         if (t2 < ntiles)
           issue_linear_piece<T>(P, ts_shared, t2, stage_mem + sp * L.stage_bytes, smem_u32(&sh.full[sp]), warp);
-      } else if (!WS && (kIssueParts > 1 || warp == 0) && t2 < ntiles && (!bulk_out || k > 0)) {
+      } else if (!WS && (kIssueParts > 1 || warp == 0) && refills) {
         if (release) bar_sync(kFreeBar + sp, NT);  // every warp is done with stage sp
         issue_tile<T, MK, BK, kTable, kIssueParts>(P, ts_shared, L, t2, rows, stage_mem + sp * L.stage_bytes,
                                                    smem_u32(&sh.full[sp]), row_table + sp * L.table_bytes,
